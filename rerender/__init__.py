@@ -1,0 +1,1 @@
+"""Algorithm library of comfyui-rerender: plain torch / numpy / OpenCV, importable without ComfyUI."""
