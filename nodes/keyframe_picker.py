@@ -1,0 +1,82 @@
+"""Key frame picker node: which frames the diffusion model renders; the rest are propagated."""
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ..rerender.keyframes import adaptive_keyframes, parse_index_list, uniform_keyframes
+from .types import KeyFrames
+
+CATEGORY = "Rerender"
+MODES = ["uniform", "adaptive", "list"]
+
+
+class KeyframePicker(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Rerender_KeyframePicker",
+            display_name="Key Frame Picker",
+            category=CATEGORY,
+            description="Choose the key frames that the diffusion model renders; every other frame is propagated "
+                        "from its two neighbouring key frames.",
+            inputs=[
+                io.Image.Input("frames", tooltip="The video frames, as one image batch in frame order."),
+                io.Combo.Input("mode", options=MODES, default="uniform",
+                               tooltip="uniform: the first frame, then every `interval` frames (Rerender). "
+                                       "adaptive: denser where the motion is larger, gaps between s_min and s_max "
+                                       "(FRESCO Algorithm 1). list: the indices typed in `index_list`."),
+                io.Int.Input("interval", default=10, min=1, max=10000,
+                             tooltip="uniform mode: frames between key frames (Rerender's K; 5-20 works well)."),
+                io.Boolean.Input("include_last", default=True,
+                                 tooltip="uniform mode: also make the last frame a key frame, so every frame lies "
+                                         "between two key frames."),
+                io.Int.Input("s_min", default=5, min=1, max=10000,
+                             tooltip="adaptive mode: smallest gap between key frames (FRESCO's s_min)."),
+                io.Int.Input("s_max", default=20, min=1, max=10000,
+                             tooltip="adaptive mode: largest gap between key frames (FRESCO's s_max); "
+                                     "equal to s_min gives uniform spacing."),
+                io.String.Input("index_list", default="0:-1:10,-1",
+                                tooltip="list mode: VideoHelperSuite index syntax - comma-separated indices "
+                                        "(negative counts from the end) and start:stop:step ranges, e.g. "
+                                        "'0,10,25' or '0:80:10'. Must be increasing."),
+            ],
+            outputs=[
+                io.Image.Output("key_frames", display_name="key_frames",
+                                tooltip="The selected frames, in order (the first is the anchor)."),
+                KeyFrames.Output("keyframes", display_name="keyframes",
+                                 tooltip="The selection, for the key frame sampler and the patch propagator."),
+                io.String.Output("indices", display_name="indices",
+                                 tooltip="The selected indices as text, e.g. '0,10,20'."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, frames, mode, interval, include_last, s_min, s_max, index_list) -> io.NodeOutput:
+        num_frames = frames.shape[0]
+        if num_frames == 0:
+            raise ValueError("Key Frame Picker: `frames` is an empty batch; connect the video's frames.")
+        if mode == "uniform":
+            selection = uniform_keyframes(num_frames, interval, include_last)
+        elif mode == "list":
+            selection = parse_index_list(index_list, num_frames)
+        elif mode == "adaptive":
+            if s_min > s_max:
+                raise ValueError(f"Key Frame Picker: s_min ({s_min}) is larger than s_max ({s_max}); "
+                                 "set s_min <= s_max.")
+            progress = comfy.utils.ProgressBar(num_frames)
+
+            def frames_with_progress():
+                for i in range(num_frames):
+                    yield frames[i].cpu().numpy()
+                    progress.update_absolute(i + 1)
+
+            selection = adaptive_keyframes(frames_with_progress(), s_min, s_max,
+                                           comfy.model_management.throw_exception_if_processing_interrupted)
+        else:
+            raise ValueError(f"Key Frame Picker: unknown mode '{mode}'; use one of {MODES}.")
+        text = selection.as_string()
+        return io.NodeOutput(frames[list(selection.indices)].clone(), selection, text,
+                             ui={"rerender_indices": [text]})
+
+
+NODES = [KeyframePicker]

@@ -1,0 +1,5 @@
+"""The pack's own socket types. Namespaced so they never collide with other packs' meanings of similar names."""
+from comfy_api.latest import io
+
+KeyFrames = io.Custom("RERENDER_KEYFRAMES")
+VideoFlow = io.Custom("RERENDER_FLOW")
