@@ -1,0 +1,70 @@
+"""Test harness. Pure tests need nothing; tests that take the `host` fixture run against a real ComfyUI
+(see host_compat.find_comfyui) and are skipped, with the reason in the summary, when none is found."""
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_compat import PACK_DIR_NAME, SHARED_DATA, define_missing_torchvision_ops, find_comfyui, make_base_directory  # noqa: E402
+
+
+class HostSession:
+    """ComfyUI loaded in-process (no socket) with this pack loaded through the host's own custom-node loader."""
+
+    def __init__(self, comfy_path: Path, base: Path):
+        define_missing_torchvision_ops()
+        sys.path.insert(0, str(comfy_path))
+        sys.argv = ["main.py", "--cpu", "--base-directory", str(make_base_directory(base)), "--disable-api-nodes"]
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import execution
+        import nodes
+        import server
+
+        self.comfy_path, self.base, self.nodes, self.execution = comfy_path, base, nodes, execution
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.server = server.PromptServer(self.loop)
+        self.loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        builtin = set(nodes.NODE_CLASS_MAPPINGS)
+        pack_path = str(base / "custom_nodes" / PACK_DIR_NAME)
+        self.pack_loaded = self.loop.run_until_complete(
+            nodes.load_custom_node(pack_path, builtin, module_parent="custom_nodes"))
+        self.pack_node_ids = sorted(set(nodes.NODE_CLASS_MAPPINGS) - builtin)
+        self.pack = sys.modules.get(pack_path.replace(".", "_x_"))  # the loader's module naming
+
+    def pack_module(self, dotted: str):
+        """A submodule of the pack as the host loaded it, e.g. pack_module("rerender.flow")."""
+        import importlib
+        return importlib.import_module(f"{self.pack.__name__}.{dotted}")
+
+    def run_node(self, node_id: str, unique_id: str = "1", **inputs) -> tuple:
+        """Run one node the way the host's executor does (inference mode, input gathering, V3 class clone,
+        hidden inputs)."""
+        import torch
+        cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
+        input_data_all, missing, v3_data = self.execution.get_input_data(inputs, cls, unique_id)
+        if missing:
+            raise ValueError(f"inputs not accepted by {node_id}: {sorted(missing)}")
+        with torch.inference_mode():
+            output, ui, _, _ = self.loop.run_until_complete(
+                self.execution.get_output_data("test-prompt", unique_id, cls, input_data_all, v3_data=v3_data))
+        self.last_ui = ui
+        return tuple(values[0] for values in output)
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory) -> HostSession:
+    comfy_path, reason = find_comfyui()
+    if comfy_path is None:
+        pytest.skip(f"host tests skipped: {reason}")
+    return HostSession(comfy_path, tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"test material not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,71 @@
+"""Finding a ComfyUI checkout to test against, and making it importable on a CPU-only machine.
+
+Both the in-process fixture and the server launched by the end-to-end test go through here, so the rules for
+"which host" and "how it starts" live in one place.
+"""
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+PACK_DIR_NAME = "comfyui-rerender"
+
+
+def find_comfyui() -> Tuple[Optional[Path], str]:
+    """The ComfyUI checkout to test against: $COMFYUI_PATH, else the checkout this pack sits in under
+    custom_nodes/. Returns (path, "") or (None, reason)."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if (path / "main.py").is_file() and (path / "nodes.py").is_file():
+            return path, ""
+        return None, f"COMFYUI_PATH={env} is not a ComfyUI checkout (no main.py / nodes.py)"
+    parent = REPO_ROOT.parent
+    if parent.name == "custom_nodes" and (parent.parent / "main.py").is_file():
+        return parent.parent, ""
+    return None, ("no ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout, or install this pack under "
+                  "ComfyUI/custom_nodes/")
+
+
+def define_missing_torchvision_ops() -> None:
+    """PyPI only has CUDA builds of torchvision; with a CPU-only torch its C extension cannot load, and importing
+    it then fails on the missing `torchvision::nms` schema. Declaring the two schemas lets it import (the ops stay
+    unimplemented; nothing here calls them). A torchvision whose extension loads is left alone."""
+    import importlib.util
+    import torch
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or hasattr(define_missing_torchvision_ops, "library"):
+        return
+    extensions = list(Path(spec.submodule_search_locations[0]).glob("_C*.so"))
+    try:
+        for extension in extensions:
+            torch.ops.load_library(str(extension))
+        if extensions:
+            return
+    except OSError:
+        pass
+    library = torch.library.Library("torchvision", "DEF")
+    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    define_missing_torchvision_ops.library = library  # the registration lives as long as this object
+
+
+def make_base_directory(base: Path) -> Path:
+    """A throwaway ComfyUI base directory: custom_nodes/ holding this pack (a symlink) and the real weights the
+    tests use, where the host's loaders look for them."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_DIR_NAME
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    weights = SHARED_DATA / "weights"
+    for folder, names in {"vae_approx": ["taef2_encoder.pth", "taef2_decoder.pth"],
+                          "optical_flow": ["raft-sintel.pth", "raft-small.pth"]}.items():
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            target = base / "models" / folder / name
+            if (weights / name).is_file() and not target.exists():
+                target.symlink_to(weights / name)
+    for sub in ("input", "output", "temp", "user"):
+        (base / sub).mkdir(exist_ok=True)
+    return base

@@ -1,0 +1,72 @@
+"""Tiny random-weight models built with the host's own classes (call only after the `host` fixture is up).
+
+The host's ops leave parameters uninitialised, so every builder initialises them itself, from a seed.
+"""
+import torch
+
+# SD1.5's UNet layout (3 attention levels, 2 res blocks each, the same decoder blocks 3..11) at a fraction of the width.
+TINY_SD15_UNET = {
+    "context_dim": 768, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
+    "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+    "num_heads": 8, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+    "use_temporal_resblock": False, "use_checkpoint": False,
+}
+
+# Same layout at SD1.5's real width (320 channels): the size the benchmarks use.
+SD15_WIDTH_UNET = dict(TINY_SD15_UNET, model_channels=320)
+
+TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                     "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def init_parameters(module: torch.nn.Module, seed: int) -> None:
+    """Deterministic small-variance init: weights ~ N(0, 1/fan_in), norms at identity, biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def tiny_sd15(seed: int = 0, unet_config: dict = TINY_SD15_UNET):
+    """ModelPatcher around a random-weight SD1.5-architecture UNet (EPS, SD1.5 latent format)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    init_parameters(base.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_sd_vae(seed: int = 0):
+    """Host VAE with SD's latent interface (4 channels at 1/8) and random weights."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    config = {"params": {"embed_dim": 4, "ddconfig": TINY_VAE_DDCONFIG}}
+    module = AutoencoderKL(**config["params"])
+    init_parameters(module, seed)
+    vae = comfy.sd.VAE(sd=module.state_dict(), config=config)
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def taef2_vae():
+    """The real trained taef2 autoencoder (128 channels at 1/16) through the host's own VAE loader."""
+    import nodes
+    return nodes.VAELoader().load_vae("taef2")[0]
+
+
+def conditioning(seed: int = 0, tokens: int = 77, dim: int = 768):
+    """A CONDITIONING for the tiny SD1.5 UNet (random text embedding; no text encoder needed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, dim, generator=gen), {}]]
