@@ -1,0 +1,138 @@
+"""Flow estimation node (flow + occlusion for any frame pair) and a loader for original RAFT checkpoints."""
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..rerender import flow as flowlib
+from ..rerender.raft_checkpoint import load_raft
+from .types import VideoFlow
+
+CATEGORY = "Rerender"
+OpticalFlowModel = io.Custom("OPTICAL_FLOW")  # the host's flow *model* (core "Load Optical Flow Model")
+
+
+def _raft_estimator(optical_flow, iterations: int) -> flowlib.RAFTEstimator:
+    module = getattr(optical_flow, "model", None)
+    if not flowlib.is_raft(module):
+        found = type(module if module is not None else optical_flow).__name__
+        raise ValueError(f"Flow Estimation: `optical_flow` must be a RAFT model from 'Load Optical Flow Model' or "
+                         f"'Load RAFT Checkpoint (Rerender)', got a {found}; connect one of those, or disconnect "
+                         f"it to use OpenCV DIS.")
+    return flowlib.RAFTEstimator(
+        module, iterations=iterations,
+        prepare=lambda: comfy.model_management.load_models_gpu([optical_flow]))
+
+
+def _preview(video_flow: flowlib.VideoFlow) -> tuple:
+    """Per frame i >= 1, the flow and occlusion of pair (i-1, i) on frame i's grid (frame 0: still, no occlusion);
+    one colour scale for the whole clip so magnitudes compare across frames."""
+    n, h, w = video_flow.num_frames, video_flow.height, video_flow.width
+    max_magnitude = max(float(flowlib.flow_magnitude(flow).max()) for _, flow, _ in video_flow.consecutive())
+    colors = torch.ones(n, h, w, 3)
+    masks = torch.zeros(n, h, w)
+    for index, flow, occlusion in video_flow.consecutive():
+        colors[index] = flowlib.flow_to_color(flow, max_magnitude)[0]
+        masks[index] = occlusion[0, 0]
+    return colors, masks
+
+
+class FlowEstimation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Rerender_FlowEstimation",
+            display_name="Flow Estimation",
+            category=CATEGORY,
+            description="Dense optical flow and occlusion between the frames of a clip, for the key frame sampler "
+                        "and the propagator: consecutive pairs now, any other pair (anchor -> key frame) when a "
+                        "later stage asks, computed once. Uses the connected RAFT model, else OpenCV DIS.",
+            inputs=[
+                io.Image.Input("frames", tooltip="The video frames, as one image batch in frame order."),
+                OpticalFlowModel.Input(
+                    "optical_flow", optional=True,
+                    tooltip="Optional RAFT model ('Load Optical Flow Model', or 'Load RAFT Checkpoint (Rerender)' "
+                            "for original princeton-vl checkpoints). Leave empty to use OpenCV DIS (no weights, "
+                            "less accurate)."),
+                io.Combo.Input("dis_preset", options=list(flowlib.DIS_PRESETS), default="medium",
+                               tooltip="OpenCV DIS speed/quality preset, used only when no RAFT model is "
+                                       "connected: ultrafast < fast < medium (best)."),
+                io.Int.Input("raft_iterations", default=flowlib.RAFT_ITERATIONS, min=1, max=64,
+                             tooltip="RAFT refinement iterations (32 as RAFT's own Sintel evaluation; 12-20 is "
+                                     "faster and nearly as good). Ignored for DIS."),
+                io.Boolean.Input("photometric_check", default=False,
+                                 tooltip="Also mark as occluded the pixels whose colour after warping differs by "
+                                         "more than 25% (FRESCO's extra test); off = the forward-backward check "
+                                         "only, as Rerender's key frames use."),
+                io.Float.Input("consistency_alpha", default=flowlib.CONSISTENCY_ALPHA, min=0.0, max=1.0,
+                               step=0.001, advanced=True,
+                               tooltip="Forward-backward check: a pixel is occluded when the round trip misses by "
+                                       "more than alpha * (|forward| + |backward|) + beta pixels (reference 0.01)."),
+                io.Float.Input("consistency_beta", default=flowlib.CONSISTENCY_BETA, min=0.0, max=100.0,
+                               step=0.05, advanced=True,
+                               tooltip="Forward-backward check: constant tolerance in pixels (reference 0.5)."),
+            ],
+            outputs=[
+                VideoFlow.Output("flow", display_name="flow",
+                                 tooltip="Flow and occlusion for every frame pair, for the later Rerender stages."),
+                io.Image.Output("flow_preview", display_name="flow_preview",
+                                tooltip="Colour-coded flow from each frame's predecessor (hue = direction, "
+                                        "saturation = speed, white = still; one scale for the clip)."),
+                io.Mask.Output("occlusion", display_name="occlusion",
+                               tooltip="Per frame, 1 where the pixel has no reliable source in the previous frame "
+                                       "(frame 0: all 0)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, frames, dis_preset, raft_iterations, photometric_check, consistency_alpha, consistency_beta,
+                optical_flow=None) -> io.NodeOutput:
+        if optical_flow is None:
+            estimator = flowlib.DISEstimator(dis_preset)
+        else:
+            estimator = _raft_estimator(optical_flow, raft_iterations)
+        progress = comfy.utils.ProgressBar(max(frames.shape[0] - 1, 1))
+        video_flow = flowlib.VideoFlow.estimate(
+            frames, estimator,
+            progress=lambda done, total: progress.update_absolute(done, total),
+            interrupt_check=comfy.model_management.throw_exception_if_processing_interrupted,
+            alpha=consistency_alpha, beta=consistency_beta,
+            photometric_threshold=flowlib.PHOTOMETRIC_THRESHOLD if photometric_check else None)
+        colors, masks = _preview(video_flow)
+        return io.NodeOutput(video_flow, colors, masks)
+
+
+class RAFTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Rerender_RAFTLoader",
+            display_name="Load RAFT Checkpoint (Rerender)",
+            category=CATEGORY,
+            description="Load a RAFT checkpoint from models/optical_flow: original princeton-vl files "
+                        "(raft-sintel.pth, raft-small.pth, ...) or torchvision ones, large or small, as the "
+                        "OPTICAL_FLOW model the host's nodes and Flow Estimation take.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("optical_flow"),
+                               tooltip="A RAFT checkpoint in models/optical_flow (.pth read with weights_only, "
+                                       "or .safetensors)."),
+            ],
+            outputs=[
+                OpticalFlowModel.Output("optical_flow", display_name="optical_flow",
+                                        tooltip="The RAFT model (torchvision layout), for Flow Estimation or any "
+                                                "node taking OPTICAL_FLOW."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_name) -> io.NodeOutput:
+        module = load_raft(folder_paths.get_full_path_or_raise("optical_flow", model_name))
+        patcher = comfy.model_patcher.ModelPatcher(
+            module, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+        return io.NodeOutput(patcher)
+
+
+NODES = [FlowEstimation, RAFTLoader]
