@@ -68,3 +68,36 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"test material not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def server(host, tmp_path_factory, shared_data):
+    """The real ComfyUI server on loopback with this pack, a tiny SD1.5 checkpoint and ControlNet on disk
+    (models/checkpoints/tiny_sd15.safetensors, models/controlnet/tiny_control.safetensors) and test inputs:
+    rerender_example.png, clip.mp4 (6 real frames, 64x64, 10 fps), key_first.png / key_last.png."""
+    import cv2
+    from host_server import HostServer
+    from tiny_models import save_tiny_checkpoint, save_tiny_controlnet
+
+    base = make_base_directory(tmp_path_factory.mktemp("server_base"))
+    for folder in ("checkpoints", "controlnet"):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+    save_tiny_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    save_tiny_controlnet(base / "models" / "controlnet" / "tiny_control.safetensors")
+
+    capture = cv2.VideoCapture(str(shared_data / "videos" / "car_turn_480x480_10fps.mp4"))
+    frames = [cv2.resize(capture.read()[1], (64, 64), interpolation=cv2.INTER_AREA) for _ in range(CLIP_FRAMES)]
+    writer = cv2.VideoWriter(str(base / "input" / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), CLIP_FPS, (64, 64))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    cv2.imwrite(str(base / "input" / "rerender_example.png"), cv2.resize(frames[0], (128, 128)))
+    cv2.imwrite(str(base / "input" / "key_first.png"), 255 - frames[0])   # "hand-painted": inverted colours
+    cv2.imwrite(str(base / "input" / "key_last.png"), 255 - frames[-1])
+
+    running = HostServer(host.comfy_path, base).start()
+    yield running
+    running.stop()
+
+
+CLIP_FRAMES, CLIP_FPS = 6, 10

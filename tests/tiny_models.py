@@ -2,20 +2,24 @@
 
 The host's ops leave parameters uninitialised, so every builder initialises them itself, from a seed.
 """
+import copy
+
 import torch
 
 # SD1.5's UNet layout (3 attention levels, 2 res blocks each, the same decoder blocks 3..11) at a fraction of the width.
 TINY_SD15_UNET = {
     "context_dim": 768, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
     "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
     "num_heads": 8, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
     "use_temporal_resblock": False, "use_checkpoint": False,
 }
 
-# Same layout at SD1.5's real width (320 channels): the size the benchmarks use.
-SD15_WIDTH_UNET = dict(TINY_SD15_UNET, model_channels=320)
+# SD1.5's real width (320 channels, so the host's checkpoint detector recognises it as SD1.5) with two levels of one
+# res block each: the size the benchmarks and the on-disk test checkpoint use.
+SD15_WIDTH_UNET = dict(TINY_SD15_UNET, model_channels=320, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                       transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1])
 
 TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
                      "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
@@ -40,7 +44,7 @@ def tiny_sd15(seed: int = 0, unet_config: dict = TINY_SD15_UNET):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config = comfy.supported_models.SD15(copy.deepcopy(unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
     init_parameters(base.diffusion_model, seed)
@@ -70,3 +74,47 @@ def conditioning(seed: int = 0, tokens: int = 77, dim: int = 768):
     """A CONDITIONING for the tiny SD1.5 UNet (random text embedding; no text encoder needed)."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, dim, generator=gen), {}]]
+
+
+def tiny_controlnet_module(seed: int = 0, unet_config: dict = TINY_SD15_UNET):
+    """A random-weight ControlNet module matching a UNet config of this file."""
+    import comfy.cldm.cldm
+    config = {k: copy.deepcopy(v) for k, v in unet_config.items()
+              if k not in ("out_channels", "transformer_depth_output", "use_temporal_attention", "use_temporal_resblock")}
+    module = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="cpu", **config)
+    init_parameters(module, seed)
+    return module
+
+
+def tiny_controlnet(seed: int = 0):
+    """CONTROL_NET for the tiny SD1.5 UNet, as the host's ControlNet loader would return it."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+    return comfy.controlnet.ControlNet(tiny_controlnet_module(seed), load_device=mm.get_torch_device())
+
+
+def save_tiny_checkpoint(path, seed: int = 0) -> None:
+    """A loadable SD1.5-architecture checkpoint (tiny UNet, random CLIP-L text encoder, random SD VAE) for tests
+    that go through the host's CheckpointLoaderSimple, e.g. on a server."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    model = tiny_sd15(seed, SD15_WIDTH_UNET)
+    clip = comfy.sd.CLIP(comfy.supported_models.SD15(copy.deepcopy(TINY_SD15_UNET)).clip_target(), embedding_directory=None)
+    init_parameters(clip.cond_stage_model, seed + 1)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae_module = AutoencoderKL(embed_dim=4, ddconfig=ddconfig)  # the SD VAE layout the checkpoint loader assumes
+    init_parameters(vae_module, seed + 2)
+    vae = comfy.sd.VAE(sd=vae_module.state_dict())
+    comfy.sd.save_checkpoint(str(path), model, clip, vae)
+    mm.unload_all_models()
+
+
+def save_tiny_controlnet(path, seed: int = 0) -> None:
+    """A ControlNet for save_tiny_checkpoint's UNet, as an LDM-format safetensors file for the host's loader."""
+    import safetensors.torch
+    module = tiny_controlnet_module(seed, SD15_WIDTH_UNET)
+    state = {f"control_model.{k}": v.contiguous() for k, v in module.state_dict().items()}
+    safetensors.torch.save_file(state, str(path))
