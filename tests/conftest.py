@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_compat import PACK_DIR_NAME, SHARED_DATA, define_missing_torchvision_ops, find_comfyui, make_base_directory  # noqa: E402
@@ -45,14 +46,26 @@ class HostSession:
         hidden inputs)."""
         import torch
         cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
+        is_v3 = hasattr(cls, "define_schema")
         input_data_all, missing, v3_data = self.execution.get_input_data(inputs, cls, unique_id)
         if missing:
             raise ValueError(f"inputs not accepted by {node_id}: {sorted(missing)}")
         with torch.inference_mode():
             output, ui, _, _ = self.loop.run_until_complete(
-                self.execution.get_output_data("test-prompt", unique_id, cls, input_data_all, v3_data=v3_data))
+                self.execution.get_output_data("test-prompt", unique_id, cls if is_v3 else cls(), input_data_all,
+                                               v3_data=v3_data))
         self.last_ui = ui
         return tuple(values[0] for values in output)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The suite runs many small tensor ops (tiny models, small images): on a 2-core machine one thread is several
+    times faster than two contending with the test's other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -56,15 +56,6 @@ class CountingEstimator:
         return self.inner(image_a, image_b)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: small RAFT runs are several times faster on one thread than contending on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def raft_small(shared_data):
     return load_raft(str(shared_data / "weights" / "raft-small.pth"))

@@ -22,14 +22,6 @@ def clip(shared_data):
     return torch.from_numpy(np.stack(frames)).float() / 255.0
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_flow_nodes_are_registered(host):
     assert {"Rerender_FlowEstimation", "Rerender_RAFTLoader"} <= set(host.pack_node_ids)
     info = host.nodes.NODE_CLASS_MAPPINGS["Rerender_FlowEstimation"].GET_NODE_INFO_V1()
@@ -38,7 +30,7 @@ def test_flow_nodes_are_registered(host):
     assert host.nodes.NODE_CLASS_MAPPINGS["Rerender_RAFTLoader"].GET_NODE_INFO_V1()["output"] == ["OPTICAL_FLOW"]
 
 
-def test_raft_checkpoint_through_our_loader_and_the_flow_node(host, clip, one_thread):
+def test_raft_checkpoint_through_our_loader_and_the_flow_node(host, clip):
     import comfy.model_patcher
     flowlib = host.pack_module("rerender.flow")
     (optical_flow,) = host.run_node("Rerender_RAFTLoader", model_name="raft-small.pth")
@@ -66,7 +58,7 @@ def test_raft_checkpoint_through_our_loader_and_the_flow_node(host, clip, one_th
     assert flow_0_2.shape == (1, 2, 128, 128) and occlusion_0_2.shape == (1, 1, 128, 128)
 
 
-def test_the_hosts_optical_flow_model_is_used(host, clip, one_thread):
+def test_the_hosts_optical_flow_model_is_used(host, clip):
     """A torchvision-layout RAFT-large through the core 'Load Optical Flow Model' gives exactly the flow of the
     original raft-sintel checkpoint through our converter."""
     if "OpticalFlowLoader" not in host.nodes.NODE_CLASS_MAPPINGS:
