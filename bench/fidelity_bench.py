@@ -39,7 +39,7 @@ def read_frames(path, count, stride):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=3, help="frames per clip (spread over the clip)")
+    parser.add_argument("--frames", type=int, default=1, help="frames per clip (spread over the clip)")
     parser.add_argument("--round-trips", type=int, default=10)
     args = parser.parse_args()
 
