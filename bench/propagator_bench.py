@@ -1,0 +1,245 @@
+"""Patch propagator quality and speed against a known answer, beside plain flow warping and the original EbSynth.
+
+Ground truth: a deterministic stylisation of every frame (issue 5): cv2.stylization(sigma_s=60, sigma_r=0.45), then
+per BGR channel on 0..1: B = 0.85 x^1.25, G = x^0.9, R = 1.2 x^0.8, clipped. Key frames every `--interval` frames
+are taken from it; every other frame is produced by
+  ours      rerender.propagate (both passes per interval + temporal-aware blending, reference defaults),
+  warp      the nearest key frame warped by the flow (bilinear), the anchor that costs nothing,
+  ebsynth   the original EbSynth binary (when `ebsynth` is on PATH, or --ebsynth PATH), one forward pass from the
+            previous key with the reference's guides and arguments (-searchvoteiters 12 -patchmatchiters 6), guides
+            advected with the same flow and cv2.inpaint(TELEA, 30) like the reference.
+All use the same OpenCV DIS flow. Printed: PSNR/SSIM per frame and by distance to the nearest key, the warp error of
+each output (mean |out_t - warp(out_t-1)| on 0..255 over non-occluded pixels; the ground truth's own value is the
+floor), and seconds per output frame. Example (quick): python bench/propagator_bench.py --frames 11 --clips man
+"""
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from rerender import propagate  # noqa: E402
+from rerender.flow import DISEstimator, VideoFlow  # noqa: E402
+from rerender.warp import flow_warp  # noqa: E402
+
+VIDEOS = REPO.parent / "shared" / "data" / "videos"
+CLIPS = {"man": "man_talking_512x640_25fps.mp4", "car": "car_turn_480x480_10fps.mp4"}
+
+
+def read_clip(path: Path, count: int) -> np.ndarray:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while count <= 0 or len(frames) < count:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return np.stack(frames)  # BGR uint8
+
+
+def stylise(bgr: np.ndarray) -> np.ndarray:
+    """The issue's ground-truth stylisation; returns RGB float 0..1."""
+    styled = cv2.stylization(bgr, sigma_s=60, sigma_r=0.45).astype(np.float32) / 255.0
+    b, g, r = styled[..., 0], styled[..., 1], styled[..., 2]
+    return np.clip(np.stack((1.2 * r ** 0.8, g ** 0.9, 0.85 * b ** 1.25), axis=-1), 0.0, 1.0)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 10.0 * math.log10(1.0 / max(float(((a - b) ** 2).mean()), 1e-12))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM over RGB ([H,W,3] 0..1), Gaussian window 11, sigma 1.5 (Wang et al.)."""
+    x, y = a.permute(2, 0, 1)[:, None].double(), b.permute(2, 0, 1)[:, None].double()
+    t = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-t ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum())
+    window = (g[:, None] * g[None, :])[None, None]
+    blur = lambda z: F.conv2d(z, window)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def warp_error(video: torch.Tensor, flows: VideoFlow, indices) -> float:
+    """Mean |out_t - warp(out_{t-1})| (0..255) over non-occluded pixels, for consecutive t in `indices`."""
+    total, count = 0.0, 0.0
+    for t in indices:
+        if t == 0:
+            continue
+        flow, occlusion = flows.pair(t - 1, t)
+        warped = flow_warp(video[t - 1].permute(2, 0, 1)[None], flow)[0].permute(1, 2, 0)
+        valid = (occlusion[0, 0] < 0.5)[..., None]
+        total += float(((video[t] - warped).abs() * valid).sum()) * 255.0
+        count += float(valid.sum()) * 3
+    return total / max(count, 1.0)
+
+
+def plain_warp(truth: torch.Tensor, keys, flows: VideoFlow) -> torch.Tensor:
+    out = truth.clone()
+    for t in range(truth.shape[0]):
+        if t in keys:
+            continue
+        key = min(keys, key=lambda k: (abs(k - t), k))
+        flow, _ = flows.pair(key, t)
+        out[t] = flow_warp(truth[key].permute(2, 0, 1)[None], flow)[0].permute(1, 2, 0)
+    return out
+
+
+def to_bgr8(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255).round().byte().numpy()[..., ::-1].copy()
+
+
+def ebsynth_pass(binary: str, frames: torch.Tensor, truth: torch.Tensor, keys, flows: VideoFlow, workdir: Path):
+    """The reference's forward pass with the original EbSynth: every non-key frame from the previous key frame
+    (frames before the first key from it); guides as 8-bit PNGs exactly as video_blend.py builds them."""
+    out = truth.clone()
+    h, w = frames.shape[1:3]
+    rows, cols = np.mgrid[0:h, 0:w]
+    coordinates = np.zeros((h, w, 3), np.uint8)  # BGR image with R = row, G = col, B = 0
+    coordinates[..., 2] = (rows / (h - 1) * 255).astype(np.uint8)
+    coordinates[..., 1] = (cols / (w - 1) * 255).astype(np.uint8)
+    laplacian = np.array(propagate.EDGE_KERNEL, np.float32)
+    edge = lambda bgr: cv2.filter2D(bgr, -1, laplacian)  # noqa: E731
+
+    def advect8(image, src, dst):
+        flow, occlusion = flows.pair(src, dst)
+        warped = flow_warp(torch.from_numpy(image).permute(2, 0, 1)[None].float(), flow, mode="nearest")
+        warped = warped[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+        return cv2.inpaint(warped, (occlusion[0, 0].numpy() > 0.5).astype(np.uint8), 30, cv2.INPAINT_TELEA)
+
+    seconds, produced = 0.0, 0
+    passes = [(k, list(range(k + 1, (keys[i + 1] if i + 1 < len(keys) else frames.shape[0]))))
+              for i, k in enumerate(keys)] + [(keys[0], list(range(keys[0] - 1, -1, -1)))]
+    for key, targets in passes:
+        key_bgr, style_bgr = to_bgr8(frames[key]), to_bgr8(truth[key])
+        for name, image in (("key.png", key_bgr), ("key_edge.png", edge(key_bgr)), ("style.png", style_bgr),
+                            ("pos0.png", coordinates)):
+            cv2.imwrite(str(workdir / name), image)
+        previous, previous_out, positions = key, style_bgr, coordinates
+        for t in targets:
+            frame_bgr = to_bgr8(frames[t])
+            temporal = advect8(previous_out, previous, t)
+            positions = advect8(positions, previous, t)
+            for name, image in (("tgt.png", frame_bgr), ("tgt_edge.png", edge(frame_bgr)),
+                                ("tgt_temporal.png", temporal), ("tgt_pos.png", positions)):
+                cv2.imwrite(str(workdir / name), image)
+            command = [binary, "-style", str(workdir / "style.png"),
+                       "-guide", str(workdir / "key.png"), str(workdir / "tgt.png"), "-weight", "6",
+                       "-guide", str(workdir / "key_edge.png"), str(workdir / "tgt_edge.png"), "-weight", "0.5",
+                       "-guide", str(workdir / "style.png"), str(workdir / "tgt_temporal.png"), "-weight", "0.5",
+                       "-guide", str(workdir / "pos0.png"), str(workdir / "tgt_pos.png"), "-weight", "2",
+                       "-output", str(workdir / "out.png"), "-searchvoteiters", "12", "-patchmatchiters", "6"]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            seconds += time.perf_counter() - start
+            produced += 1
+            previous_out = cv2.imread(str(workdir / "out.png"))
+            previous = t
+            out[t] = torch.from_numpy(previous_out[..., ::-1].astype(np.float32) / 255.0)
+    return out, seconds / max(produced, 1)
+
+
+def report(name, video, truth, keys, flows, seconds_per_frame, per_frame=True):
+    targets = [t for t in range(truth.shape[0]) if t not in keys]
+    scores = {t: (psnr(video[t], truth[t]), ssim(video[t], truth[t])) for t in targets}
+    if per_frame:
+        print(f"  {name} per frame (PSNR dB / SSIM): " + "  ".join(
+            f"{t}:{scores[t][0]:.2f}/{scores[t][1]:.3f}" for t in targets))
+    by_distance = {}
+    for t in targets:
+        by_distance.setdefault(min(abs(k - t) for k in keys), []).append(scores[t][0])
+    distances = "  ".join(f"d{d}:{np.mean(v):.2f}" for d, v in sorted(by_distance.items()))
+    mean_psnr = np.mean([s[0] for s in scores.values()])
+    mean_ssim = np.mean([s[1] for s in scores.values()])
+    temporal = warp_error(video, flows, range(truth.shape[0]))
+    print(f"  {name:8s} PSNR {mean_psnr:6.2f} dB  SSIM {mean_ssim:.4f}  warp error {temporal:.2f}"
+          f"  {seconds_per_frame:7.2f} s/frame   PSNR by distance to key: {distances}")
+    return mean_psnr, seconds_per_frame
+
+
+def run_clip(name: str, args) -> None:
+    bgr = read_clip(VIDEOS / CLIPS[name], args.frames)
+    frames = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)
+    truth = torch.from_numpy(np.stack([stylise(f) for f in bgr]))
+    keys = list(range(0, frames.shape[0], args.interval))
+    print(f"{name}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, key frames {keys}")
+    start = time.perf_counter()
+    flows = VideoFlow.estimate(frames, DISEstimator(args.dis_preset))
+    print(f"  flow (DIS {args.dis_preset}): {time.perf_counter() - start:.1f} s; warp error of the ground truth "
+          f"itself: {warp_error(truth, flows, range(truth.shape[0])):.2f}")
+    targets = frames.shape[0] - len(keys)
+
+    start = time.perf_counter()
+    warped = plain_warp(truth, keys, flows)
+    results = {"warp": report("warp", warped, truth, keys, flows, (time.perf_counter() - start) / targets,
+                              args.per_frame)}
+    for label, settings in args.variants:
+        start = time.perf_counter()
+        ours = propagate.propagate_video(frames, keys, truth[keys], flows, settings)
+        results[label] = report(label, ours, truth, keys, flows, (time.perf_counter() - start) / targets,
+                                args.per_frame)
+        if args.save:
+            out_dir = REPO / "bench" / "out" / f"{name}_{label}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for t in range(ours.shape[0]):
+                cv2.imwrite(str(out_dir / f"{t:04d}.png"), to_bgr8(ours[t]))
+    if args.ebsynth:
+        with tempfile.TemporaryDirectory() as workdir:
+            video, seconds = ebsynth_pass(args.ebsynth, frames, truth, keys, flows, Path(workdir))
+        results["ebsynth"] = report("ebsynth", video, truth, keys, flows, seconds, args.per_frame)
+    anchor = results.get("ebsynth", results["warp"])
+    anchor_name = "ebsynth" if "ebsynth" in results else "warp"
+    for label in (label for label, _ in args.variants):
+        psnr_ours, seconds_ours = results[label]
+        line = f"  {label}: PSNR {psnr_ours - results['warp'][0]:+.2f} dB vs warp"
+        if anchor_name == "ebsynth":
+            line += (f", {psnr_ours - anchor[0]:+.2f} dB vs ebsynth, time per output frame "
+                     f"{seconds_ours / anchor[1]:.2f}x one EbSynth pass")
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", nargs="+", default=list(CLIPS), choices=list(CLIPS))
+    parser.add_argument("--frames", type=int, default=0, help="first N frames of each clip (0 = all)")
+    parser.add_argument("--interval", type=int, default=10, help="key frame spacing K")
+    parser.add_argument("--dis-preset", default="medium", choices=["ultrafast", "fast", "medium"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ebsynth", default=shutil.which("ebsynth"),
+                        help="path of an EbSynth binary to compare with (default: `ebsynth` on PATH)")
+    parser.add_argument("--no-ebsynth", action="store_true")
+    parser.add_argument("--telea", action="store_true", help="also run ours with the reference's TELEA hole fill")
+    parser.add_argument("--poisson", action="store_true", help="also run ours with the Poisson fusion on")
+    parser.add_argument("--per-frame", action="store_true", help="print every frame's PSNR/SSIM")
+    parser.add_argument("--save", action="store_true", help="write our frames to bench/out/")
+    args = parser.parse_args()
+    if args.no_ebsynth:
+        args.ebsynth = None
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    args.variants = [("ours", propagate.PropagationSettings())]
+    if args.telea:
+        args.variants.append(("ours-telea", propagate.PropagationSettings(hole_fill="telea")))
+    if args.poisson:
+        args.variants.append(("ours-ps", propagate.PropagationSettings(poisson=True)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, EbSynth: {args.ebsynth or 'not found'}")
+    for name in args.clips:
+        run_clip(name, args)
+
+
+if __name__ == "__main__":
+    main()
