@@ -1,0 +1,34 @@
+"""The UI workflows in the real ComfyUI frontend (PyPI's comfyui-frontend-package served by the host), driven by
+headless Chromium through playwright-core: no missing node, no console error from the pack's js, extension loaded."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from host_compat import PACK_DIR_NAME, REPO_ROOT
+
+FRONTEND_TESTS = Path(__file__).resolve().parent / "frontend"
+UI_WORKFLOWS = sorted(p for p in (REPO_ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+
+
+@pytest.fixture(scope="module")
+def browser_tools():
+    if shutil.which("node") is None or not Path("/usr/bin/chromium").exists():
+        pytest.skip("frontend test skipped: needs node and Debian's chromium (/usr/bin/chromium)")
+    if not (FRONTEND_TESTS / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("frontend test skipped: run `npm install --prefix tests/frontend` for playwright-core")
+
+
+def test_ui_workflows_load_without_missing_nodes_or_pack_errors(server, browser_tools):
+    assert len(UI_WORKFLOWS) == 4, UI_WORKFLOWS
+    done = subprocess.run(["node", str(FRONTEND_TESTS / "check_workflows.mjs"), server.url, PACK_DIR_NAME,
+                           *map(str, UI_WORKFLOWS)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["scriptServed"] and report["extensionLoaded"], report
+    assert report["packErrors"] == [], report["packErrors"]
+    for path, result in report["workflows"].items():
+        assert result["unregistered"] == [] and not result["missingDialog"], (path, result)
+        assert result["nodesLoaded"] == len(json.loads(Path(path).read_text())["nodes"]), (path, result)

@@ -1,0 +1,104 @@
+"""The shipped workflows and the headless main job, on the real server with tiny random-weight models and a short
+real clip (6 frames at 10 fps, see the `server` fixture)."""
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from conftest import CLIP_FPS, CLIP_FRAMES
+from host_compat import REPO_ROOT
+from host_server import free_port
+
+WORKFLOWS = REPO_ROOT / "workflows"
+HEADLESS = WORKFLOWS / "run_headless.py"
+# The shipped defaults name real models and 512x512 frames; these make the same graphs cheap on a CPU.
+TINY_OVERRIDES = {
+    "LoadVideo": {"file": "clip.mp4"},
+    "ImageScale": {"width": 64, "height": 64},
+    "CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
+    "ControlNetLoader": {"control_net_name": "tiny_control.safetensors"},
+    "Rerender_KeyframePicker": {"interval": 3},
+    "Rerender_KeyframeSampler": {"steps": 3},
+    "KSampler": {"steps": 3},
+}
+HEADLESS_SETS = ["ImageScale.width=64", "ImageScale.height=64", "Rerender_KeyframePicker.interval=3",
+                 "Rerender_KeyframeSampler.steps=3"]
+
+
+def for_tiny_models(prompt: dict) -> dict:
+    for node in prompt.values():
+        for name, value in TINY_OVERRIDES.get(node["class_type"], {}).items():
+            assert name in node["inputs"], f"{node['class_type']} has no input {name}"
+            node["inputs"][name] = value
+        if node["class_type"] == "LoadImage" and node["inputs"]["image"] == "example.png":
+            node["inputs"]["image"] = "rerender_example.png"
+    return prompt
+
+
+def video_frames_and_fps(path):
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    capture.release()
+    return count, fps
+
+
+def saved_files(server, entry):
+    return [server.base / "output" / item["subfolder"] / item["filename"]
+            for output in entry["outputs"].values() for item in output.get("images", [])]
+
+
+@pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only"])
+def test_video_workflow_runs_and_keeps_frame_count_and_rate(server, name):
+    prompt = for_tiny_models(json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
+    messages, entry = server.queue(prompt)
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert not errors, errors[0].get("exception_message", errors) if errors else None
+    assert entry["status"]["status_str"] == "success"
+    (video,) = saved_files(server, entry)
+    frames, fps = video_frames_and_fps(video)
+    assert frames == CLIP_FRAMES and fps == pytest.approx(CLIP_FPS, abs=0.01)
+
+
+def test_fidelity_img2img_workflow_runs(server):
+    prompt = for_tiny_models(json.loads((WORKFLOWS / "rerender_fidelity_img2img_api.json").read_text()))
+    messages, entry = server.queue(prompt)
+    assert entry["status"]["status_str"] == "success", [m for m in messages if m["type"] == "execution_error"]
+    (image,) = saved_files(server, entry)
+    assert cv2.imread(str(image)).shape == (128, 128, 3)
+
+
+def run_headless(*args):
+    return subprocess.run([sys.executable, str(HEADLESS), *args], capture_output=True, text=True, timeout=900)
+
+
+def test_headless_command_writes_the_video(server, tmp_path):
+    output = tmp_path / "styled.mp4"
+    sets = [arg for item in HEADLESS_SETS for arg in ("--set", item)]
+    done = run_headless("--server", server.url, "--video", str(server.base / "input" / "clip.mp4"),
+                        "--output", str(output), "--checkpoint", "tiny_sd15.safetensors",
+                        "--controlnet", "tiny_control.safetensors", "--prompt", "a pencil sketch", *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frames, fps = video_frames_and_fps(output)
+    assert frames == CLIP_FRAMES and fps == pytest.approx(CLIP_FPS, abs=0.01)
+    assert "key frame" in done.stderr  # the terminal progress line showed the sampler's key frames
+
+
+def test_headless_command_explains_a_missing_server(tmp_path, shared_data):
+    done = run_headless("--server", f"http://127.0.0.1:{free_port()}", "--video",
+                        str(shared_data / "videos" / "car_turn_480x480_10fps.mp4"), "--output", str(tmp_path / "o.mp4"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no ComfyUI server answers" in lines[0]
+
+
+def test_headless_command_names_a_missing_model(server, tmp_path):
+    done = run_headless("--server", server.url, "--video", str(server.base / "input" / "clip.mp4"),
+                        "--output", str(tmp_path / "o.mp4"), "--checkpoint", "not_there.safetensors")
+    assert done.returncode == 3
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not_there.safetensors" in lines[0] and "models/checkpoints" in lines[0]
