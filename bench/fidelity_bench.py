@@ -10,8 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,28 +19,13 @@ sys.path.insert(0, str(ROOT))
 CLIPS = ["man_talking_512x640_25fps.mp4", "car_turn_480x480_10fps.mp4"]
 
 
-def psnr(a, b):
-    return (10 * torch.log10(1.0 / ((a.float() - b.float()) ** 2).mean())).item()
-
-
-def read_frames(path, count, stride):
-    cap, frames, index = cv2.VideoCapture(str(path)), [], 0
-    while len(frames) < count:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if index % stride == 0:
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        index += 1
-    return torch.from_numpy(np.stack(frames)).float() / 255.0
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1, help="frames per clip (spread over the clip)")
     parser.add_argument("--round-trips", type=int, default=10)
     args = parser.parse_args()
 
+    from clips import psnr, read_frames
     from host_compat import SHARED_DATA, find_comfyui
     from conftest import HostSession
     comfy_path, reason = find_comfyui()

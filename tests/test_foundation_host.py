@@ -1,30 +1,11 @@
 """The pack inside a real ComfyUI: registration, schema, and the three foundation nodes on real data."""
-import cv2
-import numpy as np
 import pytest
 import torch
 
+from clips import psnr, read_frames
 from tiny_models import taef2_vae, tiny_sd_vae
 
 FOUNDATION_NODES = ["Rerender_KeyframePicker", "Rerender_FidelityEncode", "Rerender_AdaINLatent"]
-
-
-def read_frames(path, count, stride=1):
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while len(frames) < count:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        for _ in range(stride - 1):
-            cap.grab()
-    cap.release()
-    return torch.from_numpy(np.stack(frames)).float() / 255.0
-
-
-def psnr(a, b):
-    return (10 * torch.log10(1.0 / ((a - b) ** 2).mean())).item()
 
 
 def test_pack_loads_through_the_host_loader(host):
