@@ -186,12 +186,12 @@ def run_clip(name: str, args) -> None:
     start = time.perf_counter()
     warped = plain_warp(truth, keys, flows)
     results = {"warp": report("warp", warped, truth, keys, flows, (time.perf_counter() - start) / targets,
-                              args.per_frame)}
+                              not args.summary)}
     for label, settings in args.variants:
         start = time.perf_counter()
         ours = propagate.propagate_video(frames, keys, truth[keys], flows, settings)
         results[label] = report(label, ours, truth, keys, flows, (time.perf_counter() - start) / targets,
-                                args.per_frame)
+                                not args.summary)
         if args.save:
             out_dir = REPO / "bench" / "out" / f"{name}_{label}"
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def run_clip(name: str, args) -> None:
     if args.ebsynth:
         with tempfile.TemporaryDirectory() as workdir:
             video, seconds = ebsynth_pass(args.ebsynth, frames, truth, keys, flows, Path(workdir))
-        results["ebsynth"] = report("ebsynth", video, truth, keys, flows, seconds, args.per_frame)
+        results["ebsynth"] = report("ebsynth", video, truth, keys, flows, seconds, not args.summary)
     anchor = results.get("ebsynth", results["warp"])
     anchor_name = "ebsynth" if "ebsynth" in results else "warp"
     for label in (label for label, _ in args.variants):
@@ -224,7 +224,7 @@ def main():
     parser.add_argument("--no-ebsynth", action="store_true")
     parser.add_argument("--telea", action="store_true", help="also run ours with the reference's TELEA hole fill")
     parser.add_argument("--poisson", action="store_true", help="also run ours with the Poisson fusion on")
-    parser.add_argument("--per-frame", action="store_true", help="print every frame's PSNR/SSIM")
+    parser.add_argument("--summary", action="store_true", help="leave out the per-frame PSNR/SSIM lines")
     parser.add_argument("--save", action="store_true", help="write our frames to bench/out/")
     args = parser.parse_args()
     if args.no_ebsynth:

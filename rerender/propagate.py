@@ -9,6 +9,11 @@ a histogram-preserving blend in Lab, and optionally a screened-Poisson (gradient
 DCTs. Frames before the first key / after the last get the single pass that reaches them. Work is streamed one
 interval at a time, so memory holds one interval's two passes, never the clip's.
 
+Departures from the reference, each measured on bench/propagator_bench.py: guides are carried along the flow with
+bilinear instead of nearest sampling; holes in them are filled by a push-pull pyramid in torch by default (the
+reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower); the Poisson fusion is off by default
+(see PropagationSettings); Lab is kept in float rather than rounded to 8 bits.
+
 Frames are [N,H,W,3] float RGB in 0..1 (ComfyUI IMAGE); internally images are [3,H,W].
 """
 from dataclasses import dataclass

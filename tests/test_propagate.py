@@ -272,8 +272,27 @@ def test_coordinate_image_is_the_reference_positional_guide():
     assert float(coords[0, -1, 0]) == 1.0 and float(coords[1, 0, -1]) == 1.0 and float(coords[2].abs().max()) == 0.0
 
 
-def test_pass_frame_count():
-    assert propagate.pass_frame_count(12, [2, 5, 6, 10]) == 2 * (2 + 0 + 3) + 2 + 1
+def test_progress_counts_every_synthesis_and_an_exception_stops_the_work():
+    frames = moving_clip(8, seed=18)
+    keys = [2, 5, 6]
+    assert propagate.pass_frame_count(8, keys) == 2 * 2 + 2 + 1
+    settings = propagate.PropagationSettings(search_vote_iters=1, patchmatch_iters=1)
+    seen = []
+    propagate.propagate_video(frames, keys, frames[keys], ShiftFlow(8, HEIGHT, WIDTH), settings, on_frame=seen.append)
+    assert seen == list(range(propagate.pass_frame_count(8, keys)))
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done):
+        if done == 2:
+            raise Interrupted
+        seen.append(done)
+
+    seen.clear()
+    with pytest.raises(Interrupted):
+        propagate.propagate_video(frames, keys, frames[keys], ShiftFlow(8, HEIGHT, WIDTH), settings, on_frame=interrupt)
+    assert seen == [0, 1]
 
 
 @pytest.mark.parametrize("case, message", [
