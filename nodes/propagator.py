@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..rerender import propagate
 from .types import KeyFrames, VideoFlow
+from .validation import out_of_range
 
 CATEGORY = "Rerender"
 DEFAULTS = propagate.PropagationSettings()
@@ -71,7 +72,9 @@ class PatchPropagator(io.ComfyNode):
                              tooltip="Dimensions of the PCA patch descriptors the search compares (speed vs "
                                      "fidelity to the exact patch distance; the error map is always exact)."),
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFF, advanced=True,
-                             tooltip="Seed of the random search (results are deterministic for a seed)."),
+                             control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of the random search (results are deterministic for a seed; kept "
+                                     "fixed between runs so an unchanged graph is not propagated again)."),
             ],
             outputs=[
                 io.Image.Output("video", display_name="video",
@@ -79,6 +82,13 @@ class PatchPropagator(io.ComfyNode):
                                         "propagated from its neighbouring key frames."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, patch_size) -> bool | str:
+        problem = out_of_range(cls, patch_size=patch_size)
+        if problem is None and patch_size is not None and patch_size % 2 == 0:
+            problem = f"`patch_size` must be odd (a patch is centred on its pixel), got {patch_size}; use {patch_size + 1}"
+        return True if problem is None else f"Patch Propagator: {problem}."
 
     @classmethod
     def execute(cls, frames, keyframes, key_frame_images, flow, colour_weight, edge_weight, temporal_weight,
@@ -90,8 +100,9 @@ class PatchPropagator(io.ComfyNode):
         if getattr(keyframes, "num_frames", frames.shape[0]) != frames.shape[0]:
             raise ValueError(f"Patch Propagator: `keyframes` were picked from a {keyframes.num_frames}-frame clip "
                              f"but `frames` has {frames.shape[0]}; pick them from these same frames.")
-        if patch_size % 2 == 0:
-            raise ValueError(f"Patch Propagator: `patch_size` must be odd, got {patch_size}.")
+        widgets_ok = cls.validate_inputs(patch_size)  # a linked patch_size is only known now
+        if widgets_ok is not True:
+            raise ValueError(widgets_ok)
         settings = propagate.PropagationSettings(
             colour_weight=colour_weight, edge_weight=edge_weight, temporal_weight=temporal_weight,
             positional_weight=positional_weight, patch_size=patch_size, search_vote_iters=search_vote_iters,

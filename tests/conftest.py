@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host_compat import PACK_DIR_NAME, SHARED_DATA, define_missing_torchvision_ops, find_comfyui, make_base_directory  # noqa: E402
+from host_compat import (PACK_DIR_NAME, SHARED_DATA, define_missing_torchvision_ops, find_comfyui,  # noqa: E402
+                         make_base_directory, skip_or_fail)
 
 
 class HostSession:
@@ -72,14 +73,14 @@ def one_torch_thread():
 def host(tmp_path_factory) -> HostSession:
     comfy_path, reason = find_comfyui()
     if comfy_path is None:
-        pytest.skip(f"host tests skipped: {reason}")
+        skip_or_fail(f"host tests skipped: {reason}")
     return HostSession(comfy_path, tmp_path_factory.mktemp("comfy_base"))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"test material not found at {SHARED_DATA}")
+        skip_or_fail(f"test material not found at {SHARED_DATA}")
     return SHARED_DATA
 
 

@@ -7,9 +7,19 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 PACK_DIR_NAME = "comfyui-rerender"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test that cannot run here, with the reason in the summary; under CI (CI=true) fail it instead, so that
+    a CI run can never pass with its host, server or frontend tests silently skipped."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: a test that cannot run fails the run)", pytrace=False)
+    pytest.skip(reason)
 
 
 def find_comfyui() -> Tuple[Optional[Path], str]:
@@ -28,14 +38,22 @@ def find_comfyui() -> Tuple[Optional[Path], str]:
                   "ComfyUI/custom_nodes/")
 
 
+TORCHVISION_SCHEMAS = {"nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+                       "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
+
+
 def define_missing_torchvision_ops() -> None:
     """PyPI only has CUDA builds of torchvision; with a CPU-only torch its C extension cannot load, and importing
     it then fails on the missing `torchvision::nms` schema. Declaring the two schemas lets it import (the ops stay
-    unimplemented; nothing here calls them). A torchvision whose extension loads is left alone."""
+    unimplemented; nothing here calls them). A torchvision whose extension loads is left alone, and so are schemas
+    that something else in the process (another workaround, an earlier call) already declared: the declaration is a
+    library fragment, which may coexist with any other registration of the namespace."""
     import importlib.util
     import torch
     spec = importlib.util.find_spec("torchvision")
-    if spec is None or hasattr(define_missing_torchvision_ops, "library"):
+    missing = {name: schema for name, schema in TORCHVISION_SCHEMAS.items()
+               if not torch._C._jit_get_schemas_for_operator(f"torchvision::{name}")}
+    if spec is None or not missing:
         return
     extensions = list(Path(spec.submodule_search_locations[0]).glob("_C*.so"))
     try:
@@ -45,10 +63,13 @@ def define_missing_torchvision_ops() -> None:
             return
     except OSError:
         pass
-    library = torch.library.Library("torchvision", "DEF")
-    library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    define_missing_torchvision_ops.library = library  # the registration lives as long as this object
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    for schema in missing.values():
+        library.define(schema)
+    _LIBRARIES.append(library)  # a registration lives as long as its Library object
+
+
+_LIBRARIES = []
 
 
 def make_base_directory(base: Path) -> Path:

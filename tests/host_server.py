@@ -69,6 +69,14 @@ class HostServer:
                     return await response.json()
         return asyncio.run(fetch())
 
+    def post_prompt(self, prompt: dict) -> tuple:
+        """POST /prompt without waiting for a run: (HTTP status, response body)."""
+        async def post():
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{self.url}/prompt", json={"prompt": prompt}) as response:
+                    return response.status, await response.json()
+        return asyncio.run(post())
+
     def queue(self, prompt: dict, timeout_s: float = 600) -> tuple:
         """POST /prompt, follow /ws until the prompt finishes; returns (ws messages, its /history entry)."""
         return asyncio.run(self._queue(prompt, timeout_s))

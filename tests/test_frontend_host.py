@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from host_compat import PACK_DIR_NAME, REPO_ROOT
+from host_compat import PACK_DIR_NAME, REPO_ROOT, skip_or_fail
 
 FRONTEND_TESTS = Path(__file__).resolve().parent / "frontend"
 UI_WORKFLOWS = sorted(p for p in (REPO_ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
@@ -16,9 +16,9 @@ UI_WORKFLOWS = sorted(p for p in (REPO_ROOT / "workflows").glob("*.json") if not
 @pytest.fixture(scope="module")
 def browser_tools():
     if shutil.which("node") is None or not Path("/usr/bin/chromium").exists():
-        pytest.skip("frontend test skipped: needs node and Debian's chromium (/usr/bin/chromium)")
+        skip_or_fail("frontend test skipped: needs node and Debian's chromium (/usr/bin/chromium)")
     if not (FRONTEND_TESTS / "node_modules" / "playwright-core").is_dir():
-        pytest.skip("frontend test skipped: run `npm install --prefix tests/frontend` for playwright-core")
+        skip_or_fail("frontend test skipped: run `npm install --prefix tests/frontend` for playwright-core")
 
 
 def test_ui_workflows_load_without_missing_nodes_or_pack_errors(server, browser_tools):

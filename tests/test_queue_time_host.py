@@ -1,0 +1,53 @@
+"""What the host decides before anything runs: widget-only mistakes refused at `POST /prompt` (no node executes),
+and an unchanged graph served from the host's cache (no pack node runs again)."""
+import json
+
+import pytest
+
+from test_workflows_host import WORKFLOWS, for_tiny_models
+
+FULL_PIPELINE = WORKFLOWS / "rerender_full_pipeline_api.json"
+
+# (node class, input, bad value, what the error must say): each needs only the node's own widget values.
+WIDGET_MISTAKES = [
+    ("Rerender_PatchPropagator", "patch_size", 4, "`patch_size` must be odd"),
+    ("Rerender_PatchPropagator", "patch_size", 17, "above its maximum"),
+]
+
+
+def node_id_of(prompt: dict, class_type: str) -> str:
+    return next(key for key, node in prompt.items() if node["class_type"] == class_type)
+
+
+@pytest.mark.parametrize("class_type,name,value,expected", WIDGET_MISTAKES,
+                         ids=[f"{c}.{n}={v}" for c, n, v, _ in WIDGET_MISTAKES])
+def test_widget_mistake_is_refused_at_queue_time(server, class_type, name, value, expected):
+    prompt = for_tiny_models(json.loads(FULL_PIPELINE.read_text()))
+    node = node_id_of(prompt, class_type)
+    prompt[node]["inputs"][name] = value
+    history_before = len(server.get_json("/history"))
+
+    status, body = server.post_prompt(prompt)
+
+    assert status == 400, body
+    details = " ".join(error["details"] for error in body["node_errors"][node]["errors"])
+    assert expected in details and name in details, body["node_errors"]
+    assert list(body["node_errors"]) == [node], body["node_errors"]  # only the node at fault
+    queue = server.get_json("/queue")
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []
+    assert len(server.get_json("/history")) == history_before
+
+
+def test_unchanged_graph_queued_again_runs_no_pack_node(server):
+    prompt = for_tiny_models(json.loads(FULL_PIPELINE.read_text()))
+    pack_nodes = {key for key, node in prompt.items() if node["class_type"].startswith("Rerender_")}
+    first, _ = server.queue(prompt)
+    assert not [m for m in first if m["type"] == "execution_error"]
+
+    second, entry = server.queue(json.loads(json.dumps(prompt)))
+
+    executed = {m["data"]["node"] for m in second if m["type"] == "executing" and m["data"].get("node")}
+    cached = {node for m in second if m["type"] == "execution_cached" for node in m["data"]["nodes"]}
+    assert not executed & pack_nodes, f"ran again: {sorted(executed & pack_nodes)}"
+    assert pack_nodes <= cached
+    assert entry["status"]["status_str"] == "success"
