@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from host_compat import PACK_DIR_NAME, REPO_ROOT, skip_or_fail
+from workflow_geometry import problems
 
 FRONTEND_TESTS = Path(__file__).resolve().parent / "frontend"
 UI_WORKFLOWS = sorted(p for p in (REPO_ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
@@ -32,3 +33,5 @@ def test_ui_workflows_load_without_missing_nodes_or_pack_errors(server, browser_
     for path, result in report["workflows"].items():
         assert result["unregistered"] == [] and not result["missingDialog"], (path, result)
         assert result["nodesLoaded"] == len(json.loads(Path(path).read_text())["nodes"]), (path, result)
+        # the layout as the editor draws it: its own node sizes and its own measure of each group title
+        assert problems(result["geometry"]["nodes"], result["geometry"]["groups"]) == [], path

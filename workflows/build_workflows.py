@@ -14,15 +14,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
+# Layout: each group is a column of its nodes, groups side by side in the order given. Node heights are estimated
+# generously from their slots and widgets (the editor draws multiline text boxes and upload previews taller than a
+# plain widget row), so that nothing overlaps once the editor has sized the nodes; tests/workflow_geometry.py checks it.
 NODE_WIDTH = 320
+NODE_TITLE_HEIGHT = 30
+SLOT_HEIGHT = 24
+WIDGET_HEIGHT = 28
+MULTILINE_HEIGHT = 120
+UPLOAD_PREVIEW_HEIGHT = 300
+STATUS_HEIGHT = 20                                   # the pack's js draws a status line under each pack node
+MIN_BODY_HEIGHT = 140                                # output nodes grow a preview area (PreviewAny, SaveVideo)
+NODE_GAP = 40
 GROUP_PADDING = 30
+GROUP_TITLE_BAND = 50
+GROUP_GAP = 60
+GROUP_FONT_SIZE = 24
+TITLE_ADVANCE = 0.58                                 # average Arial advance per px of font size, rounded up
 
 
 @dataclass
 class Node:
     key: str
     class_type: str
-    pos: tuple
     values: dict = field(default_factory=dict)       # widget values that differ from the node's defaults
     links: dict = field(default_factory=dict)        # input name -> (source node key, output slot)
     bypass: bool = False                             # UI only: a bypassed node is left out of the API twin
@@ -34,7 +48,7 @@ class Node:
 class Workflow:
     name: str
     nodes: list
-    groups: dict                                     # title -> node keys
+    groups: dict                                     # title -> node keys, one column each, left to right
 
 
 def node_definition(cls) -> dict:
@@ -149,23 +163,55 @@ def to_ui(workflow: Workflow, definitions: dict, titles: dict) -> dict:
                     widgets.append(values[name])
                     if len(spec) > 1 and spec[1].get("control_after_generate"):
                         widgets.append("fixed")
-        rows = len(widgets) + max(len(inputs), len(outputs))
-        ui_nodes.append({"id": ids[node.key], "type": node.class_type, "pos": list(node.pos),
-                         "size": [NODE_WIDTH, 46 + 24 * rows], "flags": {}, "order": order,
-                         "mode": 4 if node.bypass else 0, "inputs": inputs, "outputs": outputs,
+        ui_nodes.append({"id": ids[node.key], "type": node.class_type, "pos": [0, 0],
+                         "size": [NODE_WIDTH, node_height(node, definition, inputs, outputs)], "flags": {},
+                         "order": order, "mode": 4 if node.bypass else 0, "inputs": inputs, "outputs": outputs,
                          "title": titles[node.class_type],
                          "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets})
-    groups = []
-    for title, keys in workflow.groups.items():
-        members = [n for n in ui_nodes if n["id"] in {ids[k] for k in keys}]
-        x0 = min(n["pos"][0] for n in members) - GROUP_PADDING
-        y0 = min(n["pos"][1] for n in members) - GROUP_PADDING - 20
-        x1 = max(n["pos"][0] + n["size"][0] for n in members) + GROUP_PADDING
-        y1 = max(n["pos"][1] + n["size"][1] for n in members) + GROUP_PADDING
-        groups.append({"title": title, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": "#3f789e",
-                       "font_size": 24, "flags": {}})
+    groups = lay_out(workflow, {n["id"]: n for n in ui_nodes}, ids)
     return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
             "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def node_height(node: Node, definition: dict, inputs: list, outputs: list) -> int:
+    """The body height (below the title bar) the editor needs for the node's slots and widgets."""
+    height = 20 + SLOT_HEIGHT * max(len(inputs), len(outputs))
+    for name, spec in input_specs(definition):
+        if not is_widget(spec) or name in node.links:
+            continue
+        options = spec[1] if len(spec) > 1 else {}
+        height += MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT
+        if options.get("control_after_generate"):
+            height += WIDGET_HEIGHT
+        if options.get("image_upload") or options.get("video_upload"):
+            height += WIDGET_HEIGHT + UPLOAD_PREVIEW_HEIGHT
+    if node.class_type.startswith("Rerender_"):
+        height += STATUS_HEIGHT
+    return max(height, MIN_BODY_HEIGHT)
+
+
+def title_width(title: str) -> float:
+    return len(title) * TITLE_ADVANCE * GROUP_FONT_SIZE
+
+
+def lay_out(workflow: Workflow, ui_nodes: dict, ids: dict) -> list:
+    """Places every node in its group's column and returns the groups, each wide enough for its title."""
+    grouped = [key for keys in workflow.groups.values() for key in keys]
+    if sorted(grouped) != sorted(n.key for n in workflow.nodes):
+        raise ValueError(f"{workflow.name}: every node must be in exactly one group")
+    groups, x = [], 0
+    for title, keys in workflow.groups.items():
+        members = [ui_nodes[ids[key]] for key in keys]
+        inner_width = max(max(n["size"][0] for n in members), round(title_width(title)) + 8)
+        y = GROUP_TITLE_BAND
+        for member in members:
+            member["pos"] = [x + GROUP_PADDING, y + NODE_TITLE_HEIGHT]
+            y += NODE_TITLE_HEIGHT + member["size"][1] + NODE_GAP
+        width = inner_width + 2 * GROUP_PADDING
+        groups.append({"title": title, "bounding": [x, 0, width, y - NODE_GAP + GROUP_PADDING], "color": "#3f789e",
+                       "font_size": GROUP_FONT_SIZE, "flags": {}})
+        x += width + GROUP_GAP
+    return groups
 
 
 def by_key(workflow: Workflow, key: str) -> Node:
@@ -177,35 +223,35 @@ def shipped_workflows() -> list:
                       values={"filename_prefix": "rerender/video", "format": "auto"},
                       api_extra={"format.codec": "auto"})
     input_video = [
-        Node("load", "LoadVideo", (0, 0), values={"file": "input.mp4"}, ui_widgets=["input.mp4", "image"]),
-        Node("components", "GetVideoComponents", (0, 420), links={"video": ("load", 0)}),
-        Node("scale", "ImageScale", (0, 620), values={"width": 512, "height": 512, "crop": "center"},
+        Node("load", "LoadVideo", values={"file": "input.mp4"}, ui_widgets=["input.mp4", "image"]),
+        Node("components", "GetVideoComponents", links={"video": ("load", 0)}),
+        Node("scale", "ImageScale", values={"width": 512, "height": 512, "crop": "center"},
              links={"image": ("components", 0)}),
     ]
     full = Workflow("rerender_full_pipeline", input_video + [
-        Node("picker", "Rerender_KeyframePicker", (400, 0), links={"frames": ("scale", 0)}),
-        Node("flow", "Rerender_FlowEstimation", (400, 420), links={"frames": ("scale", 0)}),
-        Node("canny", "Canny", (400, 800), links={"image": ("scale", 0)}),
-        Node("checkpoint", "CheckpointLoaderSimple", (800, 0), values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-        Node("lora", "LoraLoader", (800, 180), bypass=True,
+        Node("picker", "Rerender_KeyframePicker", links={"frames": ("scale", 0)}),
+        Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
+        Node("canny", "Canny", links={"image": ("scale", 0)}),
+        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("lora", "LoraLoader", bypass=True,
              links={"model": ("checkpoint", 0), "clip": ("checkpoint", 1)}),
-        Node("positive", "CLIPTextEncode", (800, 420), values={"text": "a beautiful oil painting, best quality, "
+        Node("positive", "CLIPTextEncode", values={"text": "a beautiful oil painting, best quality, "
                                                                           "extremely detailed"},
              links={"clip": ("lora", 1)}),
-        Node("negative", "CLIPTextEncode", (800, 680), values={"text": "longbody, lowres, bad anatomy, bad hands, "
+        Node("negative", "CLIPTextEncode", values={"text": "longbody, lowres, bad anatomy, bad hands, "
                                                                           "missing fingers, cropped, worst quality"},
              links={"clip": ("lora", 1)}),
-        Node("controlnet", "ControlNetLoader", (800, 940), values={"control_net_name": "control_v11p_sd15_canny.pth"}),
-        Node("attention", "Rerender_CrossFrameAttention", (1200, 0), links={"model": ("lora", 0)}),
-        Node("sampler", "Rerender_KeyframeSampler", (1200, 260),
+        Node("controlnet", "ControlNetLoader", values={"control_net_name": "control_v11p_sd15_canny.pth"}),
+        Node("attention", "Rerender_CrossFrameAttention", links={"model": ("lora", 0)}),
+        Node("sampler", "Rerender_KeyframeSampler",
              links={"model": ("attention", 0), "positive": ("positive", 0), "negative": ("negative", 0),
                     "vae": ("checkpoint", 2), "frames": ("scale", 0), "keyframes": ("picker", 1),
                     "flow": ("flow", 0), "control_net": ("controlnet", 0), "control_hints": ("canny", 0)}),
-        Node("propagator", "Rerender_PatchPropagator", (1600, 0),
+        Node("propagator", "Rerender_PatchPropagator",
              links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("sampler", 0),
                     "flow": ("flow", 0)}),
-        Node("create", "CreateVideo", (2000, 0), links={"images": ("propagator", 0), "fps": ("components", 2)}),
-        Node("save", "SaveVideo", (2000, 260), links={"video": ("create", 0)}, **save_video),
+        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("components", 2)}),
+        Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
     ], groups={"Input video": ["load", "components", "scale"],
                "Key frames, flow and control hints": ["picker", "flow", "canny"],
                "Model and prompts": ["checkpoint", "lora", "positive", "negative", "controlnet"],
@@ -213,53 +259,53 @@ def shipped_workflows() -> list:
                "Propagation and output": ["propagator", "create", "save"]})
 
     propagation = Workflow("rerender_propagation_only", input_video + [
-        Node("picker", "Rerender_KeyframePicker", (400, 0), values={"mode": "list", "index_list": "0,-1"},
+        Node("picker", "Rerender_KeyframePicker", values={"mode": "list", "index_list": "0,-1"},
              links={"frames": ("scale", 0)}),
-        Node("flow", "Rerender_FlowEstimation", (400, 420), links={"frames": ("scale", 0)}),
-        Node("first_key", "LoadImage", (800, 0), values={"image": "key_first.png"},
+        Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
+        Node("first_key", "LoadImage", values={"image": "key_first.png"},
              ui_widgets=["key_first.png", "image"]),
-        Node("last_key", "LoadImage", (800, 380), values={"image": "key_last.png"},
+        Node("last_key", "LoadImage", values={"image": "key_last.png"},
              ui_widgets=["key_last.png", "image"]),
-        Node("keys", "ImageBatch", (800, 760), links={"image1": ("first_key", 0), "image2": ("last_key", 0)}),
-        Node("propagator", "Rerender_PatchPropagator", (1200, 0),
+        Node("keys", "ImageBatch", links={"image1": ("first_key", 0), "image2": ("last_key", 0)}),
+        Node("propagator", "Rerender_PatchPropagator",
              links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("keys", 0),
                     "flow": ("flow", 0)}),
-        Node("create", "CreateVideo", (1600, 0), links={"images": ("propagator", 0), "fps": ("components", 2)}),
-        Node("save", "SaveVideo", (1600, 260), links={"video": ("create", 0)}, **save_video),
+        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("components", 2)}),
+        Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
     ], groups={"Input video": ["load", "components", "scale"], "Key frames and flow": ["picker", "flow"],
                "Your painted key frames (first and last frame)": ["first_key", "last_key", "keys"],
                "Propagation and output": ["propagator", "create", "save"]})
 
     img2img = Workflow("rerender_fidelity_img2img", [
-        Node("image", "LoadImage", (0, 0), values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
-        Node("checkpoint", "CheckpointLoaderSimple", (0, 380), values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-        Node("positive", "CLIPTextEncode", (400, 0), values={"text": "a watercolor painting, best quality"},
+        Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
+        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("positive", "CLIPTextEncode", values={"text": "a watercolor painting, best quality"},
              links={"clip": ("checkpoint", 1)}),
-        Node("negative", "CLIPTextEncode", (400, 260), values={"text": "lowres, worst quality"},
+        Node("negative", "CLIPTextEncode", values={"text": "lowres, worst quality"},
              links={"clip": ("checkpoint", 1)}),
-        Node("encode", "Rerender_FidelityEncode", (400, 520), links={"pixels": ("image", 0), "vae": ("checkpoint", 2)}),
-        Node("ksampler", "KSampler", (800, 0), values={"denoise": 0.6},
+        Node("encode", "Rerender_FidelityEncode", links={"pixels": ("image", 0), "vae": ("checkpoint", 2)}),
+        Node("ksampler", "KSampler", values={"denoise": 0.6},
              links={"model": ("checkpoint", 0), "positive": ("positive", 0), "negative": ("negative", 0),
                     "latent_image": ("encode", 0)}),
-        Node("decode", "VAEDecode", (1200, 0), links={"samples": ("ksampler", 0), "vae": ("checkpoint", 2)}),
-        Node("save", "SaveImage", (1200, 200), values={"filename_prefix": "rerender/img2img"},
+        Node("decode", "VAEDecode", links={"samples": ("ksampler", 0), "vae": ("checkpoint", 2)}),
+        Node("save", "SaveImage", values={"filename_prefix": "rerender/img2img"},
              links={"images": ("decode", 0)}),
     ], groups={"Image and model": ["image", "checkpoint"],
                "Fidelity-oriented encode and prompts": ["positive", "negative", "encode"],
                "Sample and save": ["ksampler", "decode", "save"]})
     roundtrip = Workflow("rerender_fidelity_roundtrip", [
-        Node("image", "LoadImage", (0, 0), values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
-        Node("vae", "VAELoader", (0, 380), values={"vae_name": "taef2"}),
-        Node("fidelity", "Rerender_FidelityEncode", (400, 0), links={"pixels": ("image", 0), "vae": ("vae", 0)}),
-        Node("fidelity_decode", "VAEDecode", (800, 0), links={"samples": ("fidelity", 0), "vae": ("vae", 0)}),
-        Node("fidelity_save", "SaveImage", (1200, 0), values={"filename_prefix": "rerender/fidelity_encode"},
+        Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
+        Node("vae", "VAELoader", values={"vae_name": "taef2"}),
+        Node("fidelity", "Rerender_FidelityEncode", links={"pixels": ("image", 0), "vae": ("vae", 0)}),
+        Node("fidelity_decode", "VAEDecode", links={"samples": ("fidelity", 0), "vae": ("vae", 0)}),
+        Node("fidelity_save", "SaveImage", values={"filename_prefix": "rerender/fidelity_encode"},
              links={"images": ("fidelity_decode", 0)}),
-        Node("plain", "VAEEncode", (400, 300), links={"pixels": ("image", 0), "vae": ("vae", 0)}),
-        Node("plain_decode", "VAEDecode", (800, 300), links={"samples": ("plain", 0), "vae": ("vae", 0)}),
-        Node("plain_save", "SaveImage", (1200, 380), values={"filename_prefix": "rerender/plain_encode"},
+        Node("plain", "VAEEncode", links={"pixels": ("image", 0), "vae": ("vae", 0)}),
+        Node("plain_decode", "VAEDecode", links={"samples": ("plain", 0), "vae": ("vae", 0)}),
+        Node("plain_save", "SaveImage", values={"filename_prefix": "rerender/plain_encode"},
              links={"images": ("plain_decode", 0)}),
-        Node("picker", "Rerender_KeyframePicker", (400, 560), links={"frames": ("image", 0)}),
-        Node("indices", "PreviewAny", (800, 560), links={"source": ("picker", 2)}),
+        Node("picker", "Rerender_KeyframePicker", links={"frames": ("image", 0)}),
+        Node("indices", "PreviewAny", links={"source": ("picker", 2)}),
     ], groups={"Input": ["image", "vae"], "Fidelity-oriented encode": ["fidelity", "fidelity_decode", "fidelity_save"],
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
                "Key frame picker": ["picker", "indices"]})

@@ -13,6 +13,26 @@ const browser = await chromium.launch({
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"],
 });
+// What the editor really draws once a workflow is loaded: every node's box with its title bar, every group's box,
+// and the width its title needs in the group's font (tests/workflow_geometry.py checks them).
+function installGeometryProbe() {
+    window.measureGeometry = () => {
+        const titleHeight = window.LiteGraph.NODE_TITLE_HEIGHT;
+        const ctx = document.createElement("canvas").getContext("2d");
+        return {
+            nodes: window.app.graph._nodes.map((n) => ({
+                id: n.id, type: n.type, box: [n.pos[0], n.pos[1] - titleHeight, n.size[0], n.size[1] + titleHeight],
+            })),
+            groups: window.app.graph._groups.map((g) => {
+                const fontSize = g.font_size ?? window.LiteGraph.DEFAULT_GROUP_FONT_SIZE ?? 24;
+                ctx.font = `${fontSize}px ${window.LiteGraph.GROUP_FONT ?? "Arial"}`;
+                return { title: g.title, box: [...(g._bounding ?? g.bounding)], titleWidth: ctx.measureText(g.title).width,
+                         titlePadding: g.padding ?? 4 };
+            }),
+        };
+    };
+}
+
 const report = { consoleErrors: [], packErrors: [], workflows: {}, extensionLoaded: false, scriptServed: false };
 try {
     const page = await browser.newPage();
@@ -40,11 +60,13 @@ try {
     for (const path of workflowPaths) {
         const workflow = JSON.parse(readFileSync(path, "utf8"));
         await page.evaluate((wf) => window.app.loadGraphData(wf), workflow);
+        await page.evaluate(installGeometryProbe);
         await page.waitForTimeout(1500);
         report.workflows[path] = await page.evaluate((types) => ({
             unregistered: types.filter((t) => !window.LiteGraph.registered_node_types[t]),
             missingDialog: /missing node/i.test(document.body.innerText),
             nodesLoaded: window.app.graph._nodes.length,
+            geometry: window.measureGeometry(),
         }), workflow.nodes.map((n) => n.type));
         // close any dialog before the next workflow
         await page.keyboard.press("Escape");
