@@ -10,10 +10,16 @@ are taken from it; every other frame is produced by
             advected with the same flow and cv2.inpaint(TELEA, 30) like the reference.
 All use the same OpenCV DIS flow. Printed: PSNR/SSIM per frame and by distance to the nearest key, the warp error of
 each output (mean |out_t - warp(out_t-1)| on 0..255 over non-occluded pixels; the ground truth's own value is the
-floor), and seconds per output frame. Example (quick): python bench/propagator_bench.py --frames 11 --clips man
+floor), and seconds per output frame.
+
+Cases: a clip name, or NAME:S for every S-th frame of it (fast motion: `man:3` and `car:3` triple the motion per
+frame). `--busy N` keeps N CPU-bound processes running beside the measurement (a user's machine is rarely idle);
+they are bounded in time and stopped by the bench itself.
+Example (quick): python bench/propagator_bench.py --frames 11 --clips man car man:3 car:3
 """
 import argparse
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -36,16 +42,57 @@ VIDEOS = REPO.parent / "shared" / "data" / "videos"
 CLIPS = {"man": "man_talking_512x640_25fps.mp4", "car": "car_turn_480x480_10fps.mp4"}
 
 
-def read_clip(path: Path, count: int) -> np.ndarray:
+def read_clip(path: Path, count: int, stride: int = 1) -> np.ndarray:
+    """The first `count` frames (0 = all) of every `stride`-th frame, BGR uint8."""
     capture = cv2.VideoCapture(str(path))
-    frames = []
+    frames, position = [], 0
     while count <= 0 or len(frames) < count:
         ok, frame = capture.read()
         if not ok:
             break
-        frames.append(frame)
+        if position % stride == 0:
+            frames.append(frame)
+        position += 1
     capture.release()
-    return np.stack(frames)  # BGR uint8
+    return np.stack(frames)
+
+
+def parse_case(case: str) -> tuple:
+    name, _, stride = case.partition(":")
+    if name not in CLIPS or (stride and (not stride.isdigit() or int(stride) < 1)):
+        raise argparse.ArgumentTypeError(f"{case!r}: use one of {sorted(CLIPS)}, optionally with :STRIDE")
+    return name, int(stride or 1)
+
+
+BUSY_LOOP = """
+import os, sys, time
+import numpy as np
+parent, deadline = os.getppid(), time.time() + float(sys.argv[1])
+a = np.random.rand(256, 256)
+while time.time() < deadline and os.getppid() == parent:
+    for _ in range(50):
+        a = np.tanh(a @ a * 1e-3)
+"""
+
+
+class BusyMachine:
+    """N single-threaded CPU-bound processes for the duration of a `with` block (each also stops by itself after
+    `seconds`, or when the bench that started it is gone)."""
+
+    def __init__(self, count: int, seconds: float):
+        self.count, self.seconds, self.procs = count, seconds, []
+
+    def __enter__(self):
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(self.seconds)], env=env)
+                      for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
 
 
 def stylise(bgr: np.ndarray) -> np.ndarray:
@@ -171,8 +218,10 @@ def report(name, video, truth, keys, flows, seconds_per_frame, per_frame=True):
     return mean_psnr, seconds_per_frame
 
 
-def run_clip(name: str, args) -> None:
-    bgr = read_clip(VIDEOS / CLIPS[name], args.frames)
+def run_clip(case: tuple, args) -> None:
+    name, stride = case
+    bgr = read_clip(VIDEOS / CLIPS[name], args.frames, stride)
+    name = name if stride == 1 else f"{name}:{stride}"
     frames = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)
     truth = torch.from_numpy(np.stack([stylise(f) for f in bgr]))
     keys = list(range(0, frames.shape[0], args.interval))
@@ -214,11 +263,15 @@ def run_clip(name: str, args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", nargs="+", default=list(CLIPS), choices=list(CLIPS))
+    parser.add_argument("--clips", nargs="+", type=parse_case, default=[(c, 1) for c in CLIPS],
+                        help="cases: clip names, NAME:S for every S-th frame (fast motion)")
     parser.add_argument("--frames", type=int, default=0, help="first N frames of each clip (0 = all)")
     parser.add_argument("--interval", type=int, default=10, help="key frame spacing K")
     parser.add_argument("--dis-preset", default="medium", choices=["ultrafast", "fast", "medium"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch/OpenCV threads (0 = leave the propagator's own choice)")
+    parser.add_argument("--busy", type=int, default=0, help="keep N CPU-bound processes running beside the bench")
+    parser.add_argument("--busy-seconds", type=float, default=7200, help="upper bound on the busy processes' life")
     parser.add_argument("--ebsynth", default=shutil.which("ebsynth"),
                         help="path of an EbSynth binary to compare with (default: `ebsynth` on PATH)")
     parser.add_argument("--no-ebsynth", action="store_true")
@@ -229,16 +282,19 @@ def main():
     args = parser.parse_args()
     if args.no_ebsynth:
         args.ebsynth = None
-    torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
     args.variants = [("ours", propagate.PropagationSettings())]
     if args.telea:
         args.variants.append(("ours-telea", propagate.PropagationSettings(hole_fill="telea")))
     if args.poisson:
         args.variants.append(("ours-ps", propagate.PropagationSettings(poisson=True)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, EbSynth: {args.ebsynth or 'not found'}")
-    for name in args.clips:
-        run_clip(name, args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"{args.busy} busy processes beside, EbSynth: {args.ebsynth or 'not found'}")
+    with BusyMachine(args.busy, args.busy_seconds):
+        for case in args.clips:
+            run_clip(case, args)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
     source_features = torch.cat([style.float()] + [g.source.float().to(device) for g in guides]) * 255.0
     target_guides = torch.cat([g.target.float().to(device) for g in guides]) * 255.0
 
-    generator = torch.Generator(device=device)
+    # Random draws come from a CPU generator on every device, so a seed gives the same search on the GPU as on the CPU.
+    generator = torch.Generator()
     generator.manual_seed(seed)
     basis = _pca_basis(source_features * feature_scale, patch_size, descriptor_size, generator)
     nnf = None
@@ -151,8 +152,8 @@ def _pca_basis(features: torch.Tensor, patch_size: int, size: int, generator: to
     Patch spectra are nearly scale-invariant, so one basis from the full-resolution source serves every level."""
     channels, h, w = features.shape
     r = patch_size // 2
-    ys = torch.randint(r, h - r, (count,), device=features.device, generator=generator)
-    xs = torch.randint(r, w - r, (count,), device=features.device, generator=generator)
+    ys = torch.randint(r, h - r, (count,), generator=generator).to(features.device)
+    xs = torch.randint(r, w - r, (count,), generator=generator).to(features.device)
     offsets = torch.arange(-r, r + 1, device=features.device)
     rows = (ys.view(-1, 1, 1) + offsets.view(1, -1, 1)).expand(-1, -1, patch_size)
     cols = (xs.view(-1, 1, 1) + offsets.view(1, 1, -1)).expand(-1, patch_size, -1)
@@ -221,8 +222,8 @@ class _LevelSolver:
     # ---- fields ---------------------------------------------------------------------------------------------
     def random_field(self) -> torch.Tensor:
         h, w = self.target_hw
-        xs = torch.randint(0, self.source_hw[1], (h, w), device=self.device, generator=self.generator)
-        ys = torch.randint(0, self.source_hw[0], (h, w), device=self.device, generator=self.generator)
+        xs = torch.randint(0, self.source_hw[1], (h, w), generator=self.generator).to(self.device)
+        ys = torch.randint(0, self.source_hw[0], (h, w), generator=self.generator).to(self.device)
         return torch.stack((xs, ys))
 
     def upscale_field(self, coarse: torch.Tensor) -> torch.Tensor:
@@ -369,8 +370,8 @@ class _LevelSolver:
                     publish()
             centre_x, centre_y = state["x"], state["y"]
             for radius in radii:
-                step = torch.randint(-radius, radius + 1, (2, active.numel()), device=self.device,
-                                     generator=self.generator)
+                step = torch.randint(-radius, radius + 1, (2, active.numel()),
+                                     generator=self.generator).to(self.device)
                 consider(None, (centre_y + step[1]).clamp_(0, source_h - 1) * source_w
                          + (centre_x + step[0]).clamp_(0, source_w - 1))
             publish()
