@@ -10,6 +10,7 @@ dst (= estimator(frame_dst, frame_src)) and the occlusion of dst's pixels, compu
 (both directions in one estimator batch, as the occlusion test needs both) and cached on the CPU in half precision.
 """
 import math
+import threading
 from typing import Callable, Optional
 
 import cv2
@@ -177,6 +178,7 @@ class VideoFlow:
         self.estimator = estimator
         self.alpha, self.beta, self.photometric_threshold = alpha, beta, photometric_threshold
         self._pairs = {}
+        self._pairs_lock = threading.Lock()  # pairs are asked for from several propagation passes at once
 
     @classmethod
     def estimate(cls, frames, estimator: Callable, progress: Optional[Callable[[int, int], None]] = None,
@@ -206,9 +208,10 @@ class VideoFlow:
         if src == dst:
             return (torch.zeros(1, 2, self.height, self.width, device=device),
                     torch.zeros(1, 1, self.height, self.width, device=device))
-        if (src, dst) not in self._pairs:
-            self._compute(src, dst)
-        flow, occlusion = self._pairs[(src, dst)]
+        with self._pairs_lock:
+            if (src, dst) not in self._pairs:
+                self._compute(src, dst)
+            flow, occlusion = self._pairs[(src, dst)]
         return flow.to(device, torch.float32), occlusion.to(device, torch.float32)
 
     def _compute(self, src: int, dst: int):

@@ -6,8 +6,9 @@ from key b, each frame guided by colour (the input frame), edges (its Laplacian)
 previous output carried along the flow) and a positional guide (coordinates carried along the flow). The two passes
 are then merged by temporal-aware blending: an error-based selection mask that stays switched along the motion,
 a histogram-preserving blend in Lab, and optionally a screened-Poisson (gradient-domain) fusion solved exactly with
-DCTs. Frames before the first key / after the last get the single pass that reaches them. Work is streamed one
-interval at a time, so memory holds one interval's two passes, never the clip's.
+DCTs. Frames before the first key / after the last get the single pass that reaches them. Work is streamed interval
+by interval, so memory holds the passes in flight (one per worker) and one interval's forward pass, never the
+clip's. On the CPU whole passes run side by side, one thread each (see `single_threaded_ops`).
 
 Departures from the reference, each measured on bench/propagator_bench.py: guides are carried along the flow with
 bilinear instead of nearest sampling; holes in them are filled by a push-pull pyramid in torch by default (the
@@ -16,6 +17,11 @@ reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower); the
 
 Frames are [N,H,W,3] float RGB in 0..1 (ComfyUI IMAGE); internally images are [3,H,W].
 """
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -328,46 +334,138 @@ def pass_frame_count(num_frames: int, key_indices: Sequence[int]) -> int:
     return 2 * inside + key_indices[0] + (num_frames - 1 - key_indices[-1])
 
 
+def cpu_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def single_threaded_ops():
+    """One intra-op thread for the calling thread while passes run side by side. PatchMatch is thousands of small
+    tensor operations: split across threads, each ends in a barrier, and on a busy machine every barrier waits for a
+    descheduled thread (13x slower with two other busy processes on 2 cores). Whole passes in parallel share none."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _InlineRunner:
+    """One worker: each pass runs in the calling thread as it is submitted."""
+
+    @staticmethod
+    def submit(fn, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # noqa: BLE001 - handed to whoever reads the result, as a pool would
+            future.set_exception(error)
+        return future
+
+
+@contextmanager
+def _pass_runner(workers: int):
+    if workers <= 1:
+        yield _InlineRunner()
+        return
+    with single_threaded_ops():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rerender-pass",
+                                  initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    """Raised in a pass once another pass has failed or been interrupted, so that all of them stop."""
+
+
 def propagate_video(frames: torch.Tensor, key_indices: Sequence[int], key_styles: torch.Tensor, flows,
                     settings: PropagationSettings = PropagationSettings(), device=None,
-                    on_frame: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                    on_frame: Optional[Callable[[int], None]] = None, workers: Optional[int] = None) -> torch.Tensor:
     """The full video [N,H,W,3] (CPU, 0..1): key frames copied unchanged, the others propagated and blended.
     `on_frame(done)` runs before every single-pass synthesis with the number already done (progress and
-    interruption: it may raise); there are `pass_frame_count` of them."""
+    interruption: it may raise, and then all work stops); there are `pass_frame_count` of them, called one at a
+    time and in order, from whichever thread runs that synthesis.
+
+    Passes are independent: on the CPU up to `workers` of them (default: one per usable core) run side by side,
+    each single-threaded, and the result does not depend on `workers`. Memory holds the passes in flight and one
+    interval's forward pass waiting for its backward pass. On a GPU passes run one after another."""
     key_indices = [int(i) for i in key_indices]
     check_inputs(frames, key_indices, key_styles, flows)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if workers is None:
+        workers = cpu_workers() if device.type == "cpu" else 1
     output = frames.detach().to("cpu", torch.float32).clone()
     for index, style in zip(key_indices, key_styles):
         output[index] = style.to("cpu", torch.float32)
 
+    progress_lock, stop = threading.Lock(), threading.Event()
     done = 0
 
     def before_synthesis(_index: int) -> None:
         nonlocal done
-        if on_frame is not None:
-            on_frame(done)
-        done += 1
+        with progress_lock:
+            if stop.is_set():
+                raise _Stopped
+            if on_frame is not None:
+                on_frame(done)
+            done += 1
 
     def store(index: int, image: torch.Tensor) -> None:
         output[index] = image.clamp(0.0, 1.0).permute(1, 2, 0).cpu()
 
+    # (kind, key frame, its style, targets in order, interval): a forward pass is followed by its backward pass
     first, last = key_indices[0], key_indices[-1]
-    for index, result in run_pass(frames, first, key_styles[0], range(first - 1, -1, -1), flows, settings,
-                                  device, before_synthesis):
-        store(index, result.image)
+    jobs = [("single", first, key_styles[0], range(first - 1, -1, -1), None)]
     for (a, b), style_a, style_b in zip(zip(key_indices, key_indices[1:]), key_styles, key_styles[1:]):
-        if b - a < 2:
-            continue
-        forward = dict(run_pass(frames, a, style_a, range(a + 1, b), flows, settings, device, before_synthesis))
-        backward = dict(run_pass(frames, b, style_b, range(b - 1, a, -1), flows, settings, device, before_synthesis))
-        selection = None
-        for index in range(a + 1, b):
-            flow = None if selection is None else flows.pair(index - 1, index, device=device)[0]
-            image, selection = blend_frame(forward.pop(index), backward.pop(index), blend_weight(index - a, b - a),
-                                           selection, flow, settings)
-            store(index, image)
-    for index, result in run_pass(frames, last, key_styles[-1], range(last + 1, frames.shape[0]), flows, settings,
-                                  device, before_synthesis):
-        store(index, result.image)
+        if b - a >= 2:
+            jobs += [("forward", a, style_a, range(a + 1, b), (a, b)),
+                     ("backward", b, style_b, range(b - 1, a, -1), (a, b))]
+    jobs.append(("single", last, key_styles[-1], range(last + 1, frames.shape[0]), None))
+    pending = iter([job for job in jobs if len(job[3])])
+
+    def run(job) -> dict:
+        _, key, style, targets, _ = job
+        return dict(run_pass(frames, key, style, targets, flows, settings, device, before_synthesis))
+
+    with _pass_runner(workers) as runner:
+        in_flight = deque()
+
+        def submit_next() -> None:
+            job = next(pending, None)
+            if job is not None:
+                in_flight.append((job, runner.submit(run, job)))
+
+        try:
+            for _ in range(max(workers, 1)):
+                submit_next()
+            forward = None
+            while in_flight:
+                (kind, _, _, _, interval), future = in_flight.popleft()
+                passes = future.result()
+                submit_next()
+                if kind == "single":
+                    for index, result in passes.items():
+                        store(index, result.image)
+                elif kind == "forward":
+                    forward = passes
+                else:
+                    _blend_interval(forward, passes, *interval, flows, settings, device, store)
+        except BaseException:
+            stop.set()
+            raise
     return output
+
+
+def _blend_interval(forward: dict, backward: dict, a: int, b: int, flows, settings: PropagationSettings, device,
+                    store: Callable) -> None:
+    selection = None
+    for index in range(a + 1, b):
+        flow = None if selection is None else flows.pair(index - 1, index, device=device)[0]
+        image, selection = blend_frame(forward.pop(index), backward.pop(index), blend_weight(index - a, b - a),
+                                       selection, flow, settings)
+        store(index, image)

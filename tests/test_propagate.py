@@ -272,13 +272,28 @@ def test_coordinate_image_is_the_reference_positional_guide():
     assert float(coords[0, -1, 0]) == 1.0 and float(coords[1, 0, -1]) == 1.0 and float(coords[2].abs().max()) == 0.0
 
 
-def test_progress_counts_every_synthesis_and_an_exception_stops_the_work():
+def test_passes_side_by_side_give_the_sequential_result_and_leave_the_thread_setting():
+    frames = moving_clip(9, seed=21)
+    keys = [1, 4, 8]
+    settings = propagate.PropagationSettings(search_vote_iters=2, patchmatch_iters=2)
+    threads = torch.get_num_threads()
+    sequential = propagate.propagate_video(frames, keys, frames[keys].flip(-1), ShiftFlow(9, HEIGHT, WIDTH), settings,
+                                           workers=1)
+    parallel = propagate.propagate_video(frames, keys, frames[keys].flip(-1), ShiftFlow(9, HEIGHT, WIDTH), settings,
+                                         workers=3)
+    assert torch.equal(sequential, parallel)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_progress_counts_every_synthesis_and_an_exception_stops_the_work(workers):
     frames = moving_clip(8, seed=18)
     keys = [2, 5, 6]
     assert propagate.pass_frame_count(8, keys) == 2 * 2 + 2 + 1
     settings = propagate.PropagationSettings(search_vote_iters=1, patchmatch_iters=1)
     seen = []
-    propagate.propagate_video(frames, keys, frames[keys], ShiftFlow(8, HEIGHT, WIDTH), settings, on_frame=seen.append)
+    propagate.propagate_video(frames, keys, frames[keys], ShiftFlow(8, HEIGHT, WIDTH), settings, on_frame=seen.append,
+                              workers=workers)
     assert seen == list(range(propagate.pass_frame_count(8, keys)))
 
     class Interrupted(Exception):
@@ -291,7 +306,8 @@ def test_progress_counts_every_synthesis_and_an_exception_stops_the_work():
 
     seen.clear()
     with pytest.raises(Interrupted):
-        propagate.propagate_video(frames, keys, frames[keys], ShiftFlow(8, HEIGHT, WIDTH), settings, on_frame=interrupt)
+        propagate.propagate_video(frames, keys, frames[keys], ShiftFlow(8, HEIGHT, WIDTH), settings, on_frame=interrupt,
+                                  workers=workers)
     assert seen == [0, 1]
 
 
