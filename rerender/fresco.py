@@ -95,6 +95,47 @@ def plan_batches(keyframes: Sequence[int], batch_size: int) -> List[KeyFrameBatc
     return batches
 
 
+class AnchorLatents:
+    """The shared-anchor latents between consecutive batches, keyed by the step of the full schedule (never by
+    call order). Before each model call of batch b at step i: `apply(batch, step, x)`, which overwrites b's anchor
+    slots with what batch b-1 recorded at step i and records b's `record` slots for batch b+1 (after the
+    overwrite, so slot 0 carries batch 1's first key all the way). `x` is [N, ...] (the batch's latents, one
+    chunk); returns a new tensor. Recorded latents are stored detached, on their own device."""
+
+    def __init__(self):
+        self._previous: Dict[int, Dict[int, torch.Tensor]] = {}  # step -> {slot: latent} of the previous batch
+        self._current: Dict[int, Dict[int, torch.Tensor]] = {}
+        self.misses = 0
+
+    def apply(self, batch: KeyFrameBatch, step: int, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(batch.frames):
+            raise ValueError(f"shared anchors: {x.shape[0]} latents for a batch of {len(batch.frames)} frames.")
+        if batch.anchors:
+            recorded = self._previous.get(step)
+            if recorded is None:
+                self.misses += 1  # a noise level the previous batch never visited: leave the anchors free
+            else:
+                x = x.clone()
+                for anchor in batch.anchors:
+                    x[anchor.slot] = recorded[anchor.source_slot].to(x.device, x.dtype)
+        if batch.record:
+            self._current[step] = {slot: x[slot].detach().clone() for slot in batch.record}
+        return x
+
+    def finish_batch(self) -> None:
+        """After a batch: what it recorded becomes what the next batch reads."""
+        self._previous, self._current = self._current, {}
+
+    def clear(self) -> None:
+        self._previous.clear()
+        self._current.clear()
+        self.misses = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in (self._previous, self._current)
+                   for slots in store.values() for t in slots.values())
+
+
 # ---------------------------------------------------------------------------------------- per-batch flow geometry
 
 @dataclass
@@ -168,7 +209,8 @@ def cyclic_flows(pair: Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]], 
     return flows
 
 
-def unique_region_masks(flows: CyclicFlows, resolutions: Sequence[Tuple[int, int]]) -> Dict[Tuple[int, int], torch.Tensor]:
+def unique_region_masks(flows: CyclicFlows,
+                        resolutions: Sequence[Tuple[int, int]]) -> Dict[Tuple[int, int], torch.Tensor]:
     """Tokens of efficient cross-frame attention per (h, w) token grid (§4.4.2), [N, h*w] bool: all of frame 0,
     and for frame k >= 1 the tokens not visible in frame k-1 (bilinear-downsampled backward occlusion of pair
     (k-1 -> k) above 0.5). The wrap pair is not used."""
@@ -287,7 +329,7 @@ def smooth_background(x: torch.Tensor, flows: CyclicFlows, background: torch.Ten
         backward_occlusion = F.max_pool2d(backward_occlusion, SMOOTHING_OCCLUSION_DILATION, stride=1, padding=pad)
         forward_occlusion = F.max_pool2d(forward_occlusion, SMOOTHING_OCCLUSION_DILATION, stride=1, padding=pad)
     bg = F.interpolate(background.float().to(x.device), size=size, mode="bilinear", align_corners=False)
-    chunks = x.view(-1, n, *x.shape[1:]).float().clone()
+    chunks = x.reshape(-1, n, *x.shape[1:]).float().clone()
     for k in range(n - 1):
         flow = geometry.backward[k:k + 1]
         weight = (1 - backward_occlusion[k]) * bg[k + 1] * flow_warp(bg[k:k + 1], flow)[0]
@@ -295,4 +337,4 @@ def smooth_background(x: torch.Tensor, flows: CyclicFlows, background: torch.Ten
     flow = geometry.forward[n - 1:n]
     weight = (1 - forward_occlusion[n - 1]) * bg[n - 1] * flow_warp(bg[:1], flow)[0]
     chunks[:, n - 1] = torch.lerp(chunks[:, n - 1], flow_warp(chunks[:, 0], flow), weight)
-    return chunks.view_as(x).to(x.dtype)
+    return chunks.reshape(x.shape).to(x.dtype)

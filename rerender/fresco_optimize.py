@@ -111,7 +111,8 @@ def temporal_loss(features: torch.Tensor, flows: CyclicFlows) -> torch.Tensor:
 def channel_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and (unbiased) std over the spatial dims, [B, C, 1, 1] each."""
     flat = x.float().flatten(2)
-    return flat.mean(dim=2)[..., None, None], flat.std(dim=2)[..., None, None]
+    correction = 1 if flat.shape[2] > 1 else 0
+    return flat.mean(dim=2)[..., None, None], flat.std(dim=2, correction=correction)[..., None, None]
 
 
 def restore_statistics(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,8 @@ def optimize_feature(feature: torch.Tensor, gram_reference: Optional[GramReferen
     """Optimise one layer's feature [chunks*N, C, h, w] with Adam for `iterations` steps of `lr` against the spatial
     loss (iff `gram_reference`) and the temporal loss (iff `flows`, any resolution: resized here), then restore its
     original per-channel statistics. Returns the new feature (same dtype and device; a normal tensor even when
-    called under inference mode) and the weighted losses of the input and of the returned feature. Works inside torch.inference_mode."""
+    called under inference mode) and the weighted losses of the input and of the returned feature. Works inside
+    torch.inference_mode."""
     if iterations < 0:
         raise ValueError(f"feature optimisation iterations must be >= 0, got {iterations}")
     if lr <= 0:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from rerender import fresco_attention as fa
 from rerender import fresco_optimize as fo
 from rerender.flow import VideoFlow
-from rerender.fresco import (AnchorSlot, CyclicFlows, background_from_foreground, cyclic_flows, plan_batches,
-                             smooth_background, trajectories, unique_region_masks)
+from rerender.fresco import (AnchorLatents, AnchorSlot, CyclicFlows, background_from_foreground, cyclic_flows,
+                             plan_batches, smooth_background, trajectories, unique_region_masks)
 
 
 def _keys(n):
@@ -73,6 +73,32 @@ def test_every_key_is_rendered_once_and_anchors_point_at_recorded_slots(n, batch
     if batch_size >= 5:  # with B - 2 >= 3 new keys per batch the short-batch rule never overfills a batch
         assert all(len(b.frames) <= batch_size for b in batches)
         assert len(batches) == 1 or len(batches[-1].new_slots) >= 3
+
+
+def test_anchor_slots_hold_the_previous_batch_recorded_latents_at_every_step():
+    batches = plan_batches(_keys(14), 6)  # (k0..k5), (k0 k5 k6..k9), (k0 k9 k10..k13)
+    store = AnchorLatents()
+    seen = {}  # (batch, step) -> the latents handed to the model
+    for b, batch in enumerate(batches):
+        for step in range(4):
+            x = torch.randn(len(batch.frames), 4, 2, 2)  # what the sampler holds before the model call
+            seen[b, step] = store.apply(batch, step, x)
+            assert torch.equal(seen[b, step][list(batch.new_slots)], x[list(batch.new_slots)])
+        store.finish_batch()
+    for b in (1, 2):
+        for step in range(4):
+            assert torch.equal(seen[b, step][0], seen[0, step][0])  # the global first key, from batch 1
+            assert torch.equal(seen[b, step][1], seen[b - 1, step][-1])  # the previous batch's last key
+    assert store.misses == 0 and store.nbytes() == 0  # the last batch records nothing
+
+
+def test_anchor_store_leaves_unvisited_noise_levels_free_and_counts_them():
+    batches = plan_batches(_keys(8), 4)
+    store = AnchorLatents()
+    store.apply(batches[0], 0, torch.zeros(4, 1))
+    store.finish_batch()
+    x = torch.ones(len(batches[1].frames), 1)
+    assert torch.equal(store.apply(batches[1], 3, x), x) and store.misses == 1
 
 
 @pytest.mark.parametrize("keys, batch_size, name", [(_keys(10), 2, "batch_size"), ([0], 8, "keyframes"),
@@ -294,11 +320,6 @@ def test_fresco_attention_with_everything_off_is_plain_attention_and_composes_in
 
 # ---------------------------------------------------------------------------------------- feature optimisation
 
-def _smooth_flows(n, h, w, seed):
-    flows = _random_flows(n, h, w, seed, magnitude=1.5, occluded=0.1)
-    return flows
-
-
 def test_gram_forms_agree_with_a_direct_cosine_similarity_loss():
     g = torch.Generator().manual_seed(0)
     ref, x = torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 6, 5, 5, generator=g)
@@ -342,7 +363,8 @@ def test_feature_optimisation_lowers_its_losses_and_restores_statistics(spatial,
     g = torch.Generator().manual_seed(1)
     feature = torch.randn(2 * 3, 8, 12, 12, generator=g) * 2 + 0.5
     reference = fo.GramReference(torch.randn(6, 8, 12, 12, generator=g)) if spatial else None
-    flows = _smooth_flows(3, 24, 24, 3) if temporal else None  # full-resolution flows, resized inside
+    # full-resolution flows, resized inside
+    flows = _random_flows(3, 24, 24, 3, magnitude=1.5, occluded=0.1) if temporal else None
     out, report = fo.optimize_feature(feature, reference, flows, iterations=10, lr=0.2)
     assert out.shape == feature.shape and out.dtype == feature.dtype and not torch.equal(out, feature)
     _statistics_match(out, feature)
@@ -367,8 +389,8 @@ def test_feature_optimisation_runs_in_inference_mode_and_leaves_weights_alone():
     torch.manual_seed(2)
     module = torch.nn.Conv2d(3, 8, 3, padding=1)
     weights = [p.detach().clone() for p in module.parameters()]
-    flows = _smooth_flows(3, 12, 12, 4)
-    with torch.inference_mode():
+    with torch.inference_mode():  # everything the host hands over is an inference tensor
+        flows = _random_flows(3, 24, 24, 4, magnitude=1.5, occluded=0.1)
         feature = module(torch.randn(6, 3, 12, 12))
         reference = fo.GramReference(module(torch.randn(6, 3, 12, 12)))
         out, report = fo.optimize_feature(feature, reference, flows, iterations=5)
