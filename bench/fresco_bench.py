@@ -88,6 +88,11 @@ def main():
                   f"{report.spatial_before:11.4g} ->{report.spatial_after:10.4g} "
                   f"{report.temporal_before:11.4g} ->{report.temporal_after:10.4g}", flush=True)
             del reference
+    layers = [(channels, args.size // divisor, args.size // divisor) for channels, divisor in SD15_UP_BLOCK_INPUTS]
+    for form in ("auto", *forms):
+        kept, peak = fo.memory_totals(fo.feature_optimization_memory(layers, args.frames, args.chunks, form))
+        print(f"all four layers, {form} form: Gram references kept for the batch {kept / MiB:.1f} MiB, "
+              f"peak working set of one layer {peak / MiB:.1f} MiB (estimates)")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,8 @@ def feature_optimization_memory(layer_shapes: Sequence[Tuple[int, int, int]], fr
         feature_bytes = samples * channels * tokens * FLOAT_BYTES
         report.append(LayerMemory((channels, h, w), chosen, sizes["reference"], sizes["working"] + 8 * feature_bytes))
     return report
+
+
+def memory_totals(report: Sequence[LayerMemory]) -> Tuple[int, int]:
+    """(bytes of the Gram references kept for the whole batch, peak working bytes of one layer's optimisation)."""
+    return sum(r.reference_bytes for r in report), max((r.working_bytes for r in report), default=0)

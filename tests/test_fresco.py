@@ -348,6 +348,9 @@ def test_gram_form_choice_and_memory_report():
     assert tokens_form.reference_bytes == 16 * 4096 ** 2 * 4  # the ~1 GB of Gram matrices the issue quotes
     total = lambda r: r.reference_bytes + r.working_bytes  # noqa: E731
     assert total(report[-1]) < total(tokens_form) / 2
+    kept, peak = fo.memory_totals(report)  # bounded: well under the HW x HW form's ~4 GiB at the 64x64 layer
+    assert kept < 256 * 2 ** 20 and peak < 1.5 * 2 ** 30
+    assert fo.memory_totals(fo.feature_optimization_memory(layers, frames=8, form="tokens"))[1] > 4 * 2 ** 30
     for shape, form in (((6, 5, 5), "tokens"), ((6, 5, 5), "channels")):
         estimate = fo.feature_optimization_memory([shape], frames=2, chunks=2, form=form)[0]
         assert fo.GramReference(torch.randn(4, *shape), form).nbytes() == estimate.reference_bytes
