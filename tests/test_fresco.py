@@ -440,3 +440,44 @@ def test_smoothing_keeps_the_foreground_and_occluded_pixels():
 def test_bad_mask_names_the_input(mask):
     with pytest.raises(ValueError, match="mask"):
         background_from_foreground(mask, 4, (8, 8))
+
+
+# ------------------------------------------------------------------- conventions against the pack's flow stage
+
+@pytest.fixture(scope="module")
+def panning_clip():
+    """Three 64x64 crops of a smooth texture whose content moves 4 px right per frame, with the flow stage's own
+    DIS flows: checks that every consumer here reads the flow stage's direction conventions the right way."""
+    from rerender.flow import DISEstimator
+    from rerender.warp import gaussian_blur
+    texture = gaussian_blur(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)), 9, 2.0)[0]
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    frames = torch.stack([texture[:, :, 16 - 4 * k:80 - 4 * k] for k in range(3)])  # [3,3,64,64]
+    video_flow = VideoFlow(frames.movedim(1, -1), DISEstimator("medium"))
+    return frames, cyclic_flows(video_flow.pair, [0, 1, 2], frames)
+
+
+def test_flow_stage_flows_give_the_pan(panning_clip):
+    _, flows = panning_clip
+    interior = (slice(None), slice(8, -8), slice(8, -8))
+    assert abs(float(flows.backward[0, 0][interior[1:]].median()) + 4) < 0.5  # frame 1's pixel came from x - 4
+    assert abs(float(flows.forward[0, 0][interior[1:]].median()) - 4) < 0.5
+
+
+def test_temporal_loss_and_smoothing_follow_the_motion(panning_clip):
+    frames, flows = panning_clip
+    still = _zero_flows(3, 64, 64)
+    assert fo.temporal_loss(frames, flows) < 0.3 * fo.temporal_loss(frames, still)
+    background = background_from_foreground(torch.zeros(1, 64, 64), 3, (64, 64))
+    smoothed = smooth_background(frames, flows, background)
+    change = (smoothed - frames)[:, :, 8:-8, 8:-8].abs().mean()
+    assert change < 0.3 * (frames[1:] - frames[:-1])[:, :, 8:-8, 8:-8].abs().mean()
+
+
+def test_trajectories_follow_the_pan(panning_clip):
+    frames, flows = panning_clip
+    traj = trajectories(flows, frames, (16, 16))  # 4 px per token: one token per frame
+    grid = torch.arange(256).view(16, 16)
+    tracks = grid[2:-2, 2:-4].flatten()
+    assert (traj.forward[1, tracks] == tracks + 1).float().mean() > 0.9
+    assert (traj.forward[2, tracks] == tracks + 2).float().mean() > 0.9
