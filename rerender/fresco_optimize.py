@@ -1,0 +1,209 @@
+"""FRESCO-aware feature optimisation (reference §4.6), free of the host.
+
+The decoder up-block input features of a batch are optimised for a few Adam steps against two losses, then
+re-normalised to their original per-sample, per-channel mean and std:
+
+* spatial (intra-frame) loss, the PAPER's form (Eq. 6): lambda_spat * mean over frames and entries of
+  (F F^T - R R^T)^2, F / R the L2-normalised token vectors [HW, C] of the feature / of the intra-frame reference
+  (Gram = cosine similarities between tokens), lambda_spat = 50;
+* temporal (inter-frame) loss, the PAPER's form (Eq. 5): mean over the adjacent pairs k -> k+1 of a batch of
+  |(f_{k+1} - warp(f_k)) * (1 - occlusion)|, one direction, no wrap pair, weight 1.
+
+Why the paper's forms and not the code's (L1 Gram x100; both directions, cyclic, x2; §4.8): the squared-L2 Gram
+loss is the one whose value and gradient can be computed from C x C matrices, ||F F^T - R R^T||^2 =
+||F^T F||^2 - 2 ||F^T R||^2 + ||R^T R||^2, which bounds the memory at the 64x64 layer (HW = 4096 > C = 640) where the
+HW x HW form costs about a gigabyte per batch; the L1 form cannot be rewritten that way. Each loss is switched by
+giving or withholding its input: the spatial (Gram) loss runs iff a `GramReference` is given, the temporal (flow)
+loss iff flows are given (the reference's comments and UI swap the two names). Means, not sums, so that the
+weights do not depend on the layer size (the paper leaves the reduction open).
+
+The host runs nodes under torch.inference_mode; everything here re-enables autograd locally and clones what comes
+in, so only the feature tensor is optimised and no model weight is touched.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .fresco import CyclicFlows
+from .warp import flow_warp
+
+SPATIAL_WEIGHT = 50.0   # paper lambda_spat
+TEMPORAL_WEIGHT = 1.0   # paper: no weight on the temporal term
+ITERATIONS = 20         # paper K = 20 (code: 20)
+LEARNING_RATE = 0.4     # paper (code: 0.2)
+FLOAT_BYTES = 4
+GRAM_FORMS = ("auto", "tokens", "channels")
+
+
+def normalized_tokens(features: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h*w, C], each token vector scaled to unit length."""
+    return F.normalize(features.float().flatten(2).transpose(1, 2), dim=-1)
+
+
+def gram_form_bytes(channels: int, tokens: int, samples: int) -> dict:
+    """Estimated bytes of the spatial loss per layer in each form: `reference` (kept for the whole batch) and
+    `working` (alive during one Adam iteration: the Gram-sized products, their difference and gradients)."""
+    return {"tokens": {"reference": samples * tokens * tokens * FLOAT_BYTES,
+                       "working": 3 * samples * tokens * tokens * FLOAT_BYTES},
+            "channels": {"reference": samples * (tokens * channels + 1) * FLOAT_BYTES,
+                         "working": 4 * samples * channels * channels * FLOAT_BYTES}}
+
+
+def choose_gram_form(channels: int, tokens: int, samples: int) -> str:
+    """The form with the smaller reference + working memory for this layer."""
+    costs = {form: sum(sizes.values()) for form, sizes in gram_form_bytes(channels, tokens, samples).items()}
+    return min(costs, key=costs.get)
+
+
+class GramReference:
+    """The intra-frame reference of one layer for the spatial loss, in the memory form chosen for it: "tokens"
+    keeps the HW x HW Gram matrices R R^T; "channels" keeps R and ||R^T R||^2 and evaluates the loss through
+    C x C products. Both give the same loss (up to float rounding)."""
+
+    def __init__(self, features: torch.Tensor, form: str = "auto"):
+        if form not in GRAM_FORMS:
+            raise ValueError(f"Gram form must be one of {GRAM_FORMS}, got {form!r}")
+        samples, channels, h, w = features.shape
+        self.shape = (channels, h, w)
+        self.form = choose_gram_form(channels, h * w, samples) if form == "auto" else form
+        with torch.inference_mode(False):
+            tokens = normalized_tokens(features.detach().clone())
+            if self.form == "tokens":
+                self.gram = tokens @ tokens.transpose(1, 2)
+                self.tokens, self.constant = None, None
+            else:
+                self.gram = None
+                self.tokens = tokens
+                self.constant = (tokens.transpose(1, 2) @ tokens).pow(2).sum(dim=(1, 2))
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        """Mean over samples and Gram entries of (F F^T - R R^T)^2."""
+        if tuple(features.shape[1:]) != self.shape:
+            raise ValueError(f"spatial loss: a feature of {tuple(features.shape[1:])} against a reference of "
+                             f"{self.shape}")
+        tokens = normalized_tokens(features)
+        count = tokens.shape[1] ** 2
+        if self.form == "tokens":
+            return (tokens @ tokens.transpose(1, 2) - self.gram).pow(2).mean()
+        own = (tokens.transpose(1, 2) @ tokens).pow(2).sum(dim=(1, 2))
+        cross = (tokens.transpose(1, 2) @ self.tokens).pow(2).sum(dim=(1, 2))
+        return ((own - 2 * cross + self.constant) / count).mean()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gram, self.tokens, self.constant) if t is not None)
+
+
+def temporal_loss(features: torch.Tensor, flows: CyclicFlows) -> torch.Tensor:
+    """Mean over chunks and adjacent pairs k -> k+1 of |(f_{k+1} - warp(f_k, backward[k])) (1 - occ)|, with the
+    flows on the feature grid (`CyclicFlows.resized`). `features` [chunks*N, C, h, w]."""
+    n = flows.frames
+    x = features.float().reshape(-1, n, *features.shape[1:])
+    chunks = x.shape[0]
+    flow = flows.backward[:-1].repeat(chunks, 1, 1, 1)
+    visible = 1.0 - flows.backward_occlusion[:-1].repeat(chunks, 1, 1, 1)
+    earlier = x[:, :-1].reshape(-1, *x.shape[2:])
+    later = x[:, 1:].reshape(-1, *x.shape[2:])
+    return ((later - flow_warp(earlier, flow)) * visible).abs().mean()
+
+
+def channel_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and (unbiased) std over the spatial dims, [B, C, 1, 1] each."""
+    flat = x.float().flatten(2)
+    correction = 1 if flat.shape[2] > 1 else 0
+    return flat.mean(dim=2)[..., None, None], flat.std(dim=2, correction=correction)[..., None, None]
+
+
+def restore_statistics(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """AdaIN of `x` to the per-sample, per-channel mean and std of `reference` (exactly, up to float rounding)."""
+    mean, std = channel_statistics(x)
+    target_mean, target_std = channel_statistics(reference)
+    return (x.float() - mean) / std.clamp_min(torch.finfo(torch.float32).tiny) * target_std + target_mean
+
+
+@dataclass
+class OptimizationReport:
+    spatial_before: Optional[float]
+    spatial_after: Optional[float]
+    temporal_before: Optional[float]
+    temporal_after: Optional[float]
+
+
+def _losses(x, gram_reference, flows, spatial_weight, temporal_weight):
+    spatial = None if gram_reference is None else spatial_weight * gram_reference.loss(x)
+    temporal = None if flows is None else temporal_weight * temporal_loss(x, flows)
+    return spatial, temporal
+
+
+def optimize_feature(feature: torch.Tensor, gram_reference: Optional[GramReference] = None,
+                     flows: Optional[CyclicFlows] = None, iterations: int = ITERATIONS,
+                     lr: float = LEARNING_RATE, spatial_weight: float = SPATIAL_WEIGHT,
+                     temporal_weight: float = TEMPORAL_WEIGHT) -> Tuple[torch.Tensor, OptimizationReport]:
+    """Optimise one layer's feature [chunks*N, C, h, w] with Adam for `iterations` steps of `lr` against the spatial
+    loss (iff `gram_reference`) and the temporal loss (iff `flows`, any resolution: resized here), then restore its
+    original per-channel statistics. Returns the new feature (same dtype and device; a normal tensor even when
+    called under inference mode) and the weighted losses of the input and of the returned feature. Works inside
+    torch.inference_mode."""
+    if iterations < 0:
+        raise ValueError(f"feature optimisation iterations must be >= 0, got {iterations}")
+    if lr <= 0:
+        raise ValueError(f"feature optimisation learning rate must be positive, got {lr}")
+    if (gram_reference is None and flows is None) or iterations == 0:
+        return feature.detach().clone(), OptimizationReport(None, None, None, None)
+    with torch.inference_mode(False), torch.enable_grad():
+        original = feature.detach().clone().float()
+        if flows is not None:
+            flows = _normal_tensors(flows.resized(tuple(feature.shape[-2:])))
+        x = original.clone().requires_grad_(True)
+        before = _losses(x.detach(), gram_reference, flows, spatial_weight, temporal_weight)
+        optimizer = torch.optim.Adam([x], lr=lr)
+        for _ in range(iterations):
+            optimizer.zero_grad(set_to_none=True)
+            loss = sum(term for term in _losses(x, gram_reference, flows, spatial_weight, temporal_weight)
+                       if term is not None)
+            loss.backward()
+            optimizer.step()
+        optimized = restore_statistics(x.detach(), original)
+        after = _losses(optimized, gram_reference, flows, spatial_weight, temporal_weight)
+    report = OptimizationReport(*(None if value is None else float(value)
+                                  for value in (before[0], after[0], before[1], after[1])))
+    return optimized.to(feature.dtype), report
+
+
+def _normal_tensors(flows: CyclicFlows) -> CyclicFlows:
+    """A copy whose tensors are normal ones (inference tensors cannot be saved for backward)."""
+    return CyclicFlows(flows.backward.clone(), flows.backward_occlusion.clone(), flows.forward.clone(),
+                       flows.forward_occlusion.clone())
+
+
+@dataclass
+class LayerMemory:
+    shape: Tuple[int, int, int]
+    form: str
+    reference_bytes: int
+    working_bytes: int
+
+
+def feature_optimization_memory(layer_shapes: Sequence[Tuple[int, int, int]], frames: int, chunks: int = 2,
+                                form: str = "auto") -> List[LayerMemory]:
+    """Estimated memory of feature optimisation per layer (C, h, w) for a batch of `frames` and `chunks` CFG
+    chunks: the Gram reference kept for the batch, and the working set of one iteration (the spatial loss's
+    products plus the feature, its gradient, Adam's two moments, the normalised copy and the warps: about 8
+    feature-sized float32 tensors). Layers are optimised one at a time, so the peak is the largest working set."""
+    if form not in GRAM_FORMS:
+        raise ValueError(f"Gram form must be one of {GRAM_FORMS}, got {form!r}")
+    samples = frames * chunks
+    report = []
+    for channels, h, w in layer_shapes:
+        tokens = h * w
+        chosen = choose_gram_form(channels, tokens, samples) if form == "auto" else form
+        sizes = gram_form_bytes(channels, tokens, samples)[chosen]
+        feature_bytes = samples * channels * tokens * FLOAT_BYTES
+        report.append(LayerMemory((channels, h, w), chosen, sizes["reference"], sizes["working"] + 8 * feature_bytes))
+    return report
+
+
+def memory_totals(report: Sequence[LayerMemory]) -> Tuple[int, int]:
+    """(bytes of the Gram references kept for the whole batch, peak working bytes of one layer's optimisation)."""
+    return sum(r.reference_bytes for r in report), max((r.working_bytes for r in report), default=0)
