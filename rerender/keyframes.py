@@ -106,8 +106,9 @@ def _parse_int(token: str, item: str, text: str) -> int:
     try:
         return int(token)
     except ValueError:
-        raise ValueError(f"key frame list '{text}': '{token}' in '{item}' is not an integer; use e.g. '0,10,25' "
-                         "or '0:80:10'.") from None
+        where = f"'{token}'" if token == item else f"'{token}' in '{item}'"
+        raise ValueError(f"key frame list '{text}': {where} is not an integer; use e.g. '0,10,25' or "
+                         "'0:80:10'.") from None
 
 
 def _index_items(text: str) -> list:
