@@ -16,9 +16,15 @@ const browser = await chromium.launch({
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"],
 });
-const report = { cards: [], thumbnails: {}, opened: {}, status: {} };
+const report = { cards: [], thumbnails: {}, thumbnailsServed: [], opened: {}, status: {} };
 try {
     const page = await browser.newPage({ viewport: { width: 900, height: 900 } });
+    page.on("response", (response) => {
+        const path = decodeURIComponent(new URL(response.url()).pathname);
+        if (path.startsWith(`/api/workflow_templates/${packName}/`) && path.endsWith(".jpg") && response.ok()) {
+            report.thumbnailsServed.push(path.split("/").pop().replace(/\.jpg$/, ""));
+        }
+    });
     await page.goto(url, { waitUntil: "load", timeout: 120000 });
     await page.waitForFunction(() => window.app?.graph && window.LiteGraph, null, { timeout: 120000 });
     await page.waitForTimeout(1500);
