@@ -66,6 +66,15 @@ def find_cross_frame_attention(model) -> Optional[CrossFrameAttention]:
     return controllers[0] if controllers else None
 
 
+def missing_attention_note(model) -> list:
+    """The line the Key Frame Sampler shows when its model carries no Cross-Frame Attention: it still renders, but
+    without the attention constraint, which is easy to miss (the cache then reports 0 MiB)."""
+    if find_cross_frame_attention(model) is not None:
+        return []
+    return ["no Cross-Frame Attention on this model: key frames are rendered without the cross-frame attention "
+            "constraint; connect the model through 'Cross-Frame Attention' first"]
+
+
 def cache_dtype(model):
     """The dtype the model computes in (its manual-cast dtype when the weights are stored lower)."""
     return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()

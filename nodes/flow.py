@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..rerender import flow as flowlib
 from ..rerender.raft_checkpoint import load_raft
+from .keyframe_picker import frame_size_note
 from .types import VideoFlow
 
 CATEGORY = "Rerender"
@@ -89,6 +90,9 @@ class FlowEstimation(io.ComfyNode):
     @classmethod
     def execute(cls, frames, dis_preset, raft_iterations, photometric_check, consistency_alpha, consistency_beta,
                 optical_flow=None) -> io.NodeOutput:
+        if frames.shape[0] < 2:
+            raise ValueError(f"Flow Estimation: `frames` holds {frames.shape[0]} frame(s); flow needs at least 2 frames. "
+                             "Connect the whole clip (e.g. Get Video Components' images), not a single image.")
         if optical_flow is None:
             estimator = flowlib.DISEstimator(dis_preset)
         else:
@@ -101,7 +105,7 @@ class FlowEstimation(io.ComfyNode):
             alpha=consistency_alpha, beta=consistency_beta,
             photometric_threshold=flowlib.PHOTOMETRIC_THRESHOLD if photometric_check else None)
         colors, masks = _preview(video_flow)
-        return io.NodeOutput(video_flow, colors, masks)
+        return io.NodeOutput(video_flow, colors, masks, ui={"rerender_notes": frame_size_note(frames)})
 
 
 class RAFTLoader(io.ComfyNode):

@@ -3,11 +3,23 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..rerender.keyframes import adaptive_keyframes, parse_index_list, uniform_keyframes
+from ..rerender.keyframes import adaptive_keyframes, check_index_list, parse_index_list, uniform_keyframes
 from .types import KeyFrames
 
 CATEGORY = "Rerender"
 MODES = ["uniform", "adaptive", "list"]
+# SD-family VAEs work on multiples of 8 pixels (taef2: 16); the picker is the first node to see the frames.
+LATENT_SCALE = 8
+
+
+def frame_size_note(frames) -> list:
+    """A note (not an error: the propagator alone takes any size) when the frames cannot go through an SD VAE."""
+    height, width = frames.shape[1:3]
+    if height % LATENT_SCALE == 0 and width % LATENT_SCALE == 0:
+        return []
+    fit = f"{width // LATENT_SCALE * LATENT_SCALE}x{height // LATENT_SCALE * LATENT_SCALE}"
+    return [f"frames are {width}x{height}: the Key Frame Sampler needs width and height divisible by the VAE's "
+            f"scale ({LATENT_SCALE} for SD1.5); scale them to e.g. {fit} first"]
 
 
 class KeyframePicker(io.ComfyNode):
@@ -51,6 +63,18 @@ class KeyframePicker(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode, s_min, s_max, index_list):
+        """The checks that need no frames, at queue time (POST /prompt), for the chosen mode only."""
+        if mode == "adaptive" and s_min > s_max:
+            return f"s_min ({s_min}) is larger than s_max ({s_max}); set s_min <= s_max."
+        if mode == "list":
+            try:
+                check_index_list(index_list)
+            except ValueError as error:
+                return str(error)
+        return True
+
+    @classmethod
     def execute(cls, frames, mode, interval, include_last, s_min, s_max, index_list) -> io.NodeOutput:
         num_frames = frames.shape[0]
         if num_frames == 0:
@@ -76,7 +100,7 @@ class KeyframePicker(io.ComfyNode):
             raise ValueError(f"Key Frame Picker: unknown mode '{mode}'; use one of {MODES}.")
         text = selection.as_string()
         return io.NodeOutput(frames[list(selection.indices)].clone(), selection, text,
-                             ui={"rerender_indices": [text]})
+                             ui={"rerender_indices": [text], "rerender_notes": frame_size_note(frames)})
 
 
 NODES = [KeyframePicker]

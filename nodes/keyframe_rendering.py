@@ -297,11 +297,13 @@ class KeyframeRenderer:
         if self.attention is not None:
             periods["cross-frame attention"] = constraints.period_steps(self.attention.start, self.attention.end,
                                                                         self.schedule.total_steps)
-        for line, inert in constraints.hidden_period_report(periods, self.schedule.first_step,
-                                                            self.schedule.total_steps):
-            if inert:
-                logging.warning("%s: %s", NODE_NAME, line)
-            self.stats.report.append(line)
+        for name, steps in periods.items():
+            for line, inert in constraints.hidden_period_report({name: steps}, self.schedule.first_step,
+                                                                self.schedule.total_steps):
+                # the reference's shape-aware fusion is itself inert at its default denoise: a note, not a warning
+                level = logging.INFO if name == "shape-aware fusion" or not inert else logging.WARNING
+                logging.log(level, "%s: %s", NODE_NAME, line)
+                self.stats.report.append(line)
 
     def _count_units(self) -> int:
         executed = len(self.schedule.executed) - 1

@@ -7,6 +7,7 @@ import latent_preview
 import server
 from comfy_api.latest import io, ui
 
+from .cross_frame_attention import missing_attention_note
 from .keyframe_rendering import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo
 from .types import KeyFrames, VideoFlow
 
@@ -139,7 +140,8 @@ class KeyframeSampler(io.ComfyNode):
                    f"decodes ({stats.vae_seconds:.1f} s); attention cache peak "
                    f"{stats.attention_cache_peak_bytes / 2 ** 20:.1f} MiB")
         logging.info("%s: %s", NODE_NAME, summary)
-        return io.NodeOutput(images, {"samples": latents}, ui=ui.PreviewText("\n".join([summary, *stats.report])))
+        report = [summary, *missing_attention_note(model), *stats.report]
+        return io.NodeOutput(images, {"samples": latents}, ui=ui.PreviewText("\n".join(report)))
 
 
 NODES = [KeyframeSampler]

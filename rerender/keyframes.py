@@ -102,41 +102,70 @@ def adaptive_keyframes(frames: Iterable[np.ndarray], s_min: int, s_max: int,
     return adaptive_keyframes_from_differences(frame_differences(frames, interrupt_check), s_min, s_max)
 
 
-def _parse_index(token: str, num_frames: int, text: str) -> int:
+def _parse_int(token: str, item: str, text: str) -> int:
     try:
-        value = int(token)
+        return int(token)
     except ValueError:
-        raise ValueError(f"key frame list '{text}': '{token}' is not an integer; use e.g. '0,10,25' or '0:80:10'.")
+        where = f"'{token}'" if token == item else f"'{token}' in '{item}'"
+        raise ValueError(f"key frame list '{text}': {where} is not an integer; use e.g. '0,10,25' or "
+                         "'0:80:10'.") from None
+
+
+def _index_items(text: str) -> list:
+    """The list's items, each (item text, [start, stop, step] or [index]) with ints or None; syntax only, so it
+    can be checked before the clip's length is known."""
+    items = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        fields = [f.strip() for f in item.split(":")]
+        if len(fields) > 3:
+            raise ValueError(f"key frame list '{text}': '{item}' has too many ':'; use start:stop:step.")
+        values = [_parse_int(f, item, text) if f else None for f in fields]
+        if len(values) == 1 and values[0] is None:
+            continue
+        if len(values) == 3 and values[2] is not None and values[2] <= 0:
+            raise ValueError(f"key frame list '{text}': the step in '{item}' must be positive.")
+        items.append((item, values))
+    if not items:
+        raise ValueError(f"key frame list '{text}': no key frame index given; use e.g. '0,10,25' or '0:80:10'.")
+    return items
+
+
+def check_index_list(text: str) -> None:
+    """Raise ValueError if `text` is not valid index-list syntax (the checks that need no clip)."""
+    _index_items(text)
+
+
+def _resolve(value: int, num_frames: int) -> int:
     return value + num_frames if value < 0 else value
 
 
 def parse_index_list(text: str, num_frames: int) -> KeyFrameSelection:
     """VideoHelperSuite index syntax: comma-separated items, each an index (negative counts from the end) or a
-    Python slice `start:stop:step` over the frame range. The result must be strictly increasing and in range."""
+    Python slice `start:stop:step` over the frame range. The result must be strictly increasing and in range.
+    Errors quote the index as typed (-5, not the frame it would be)."""
     if num_frames < 1:
         raise ValueError("key frame list: the clip has no frames; connect a non-empty image batch.")
+    valid = f"valid: 0..{num_frames - 1}, or -{num_frames}..-1 from the end"
     indices = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
+    for item, values in _index_items(text):
+        if len(values) == 1:
+            index = _resolve(values[0], num_frames)
+            if not 0 <= index < num_frames:
+                raise ValueError(f"key frame list '{text}': index {item} is out of range for a clip of "
+                                 f"{num_frames} frames ({valid}).")
+            indices.append(index)
             continue
-        if ":" in item:
-            fields = [f.strip() for f in item.split(":")]
-            if len(fields) > 3:
-                raise ValueError(f"key frame list '{text}': '{item}' has too many ':'; use start:stop:step.")
-            start, stop, step = (fields + [""] * 3)[:3]
-            start_i = _parse_index(start, num_frames, text) if start else None
-            stop_i = _parse_index(stop, num_frames, text) if stop else None
-            step_i = int(step) if step else None
-            if step_i is not None and step_i <= 0:
-                raise ValueError(f"key frame list '{text}': the step in '{item}' must be positive.")
-            if (start_i is not None and not 0 <= start_i < num_frames):
-                raise ValueError(f"key frame list '{text}': '{item}' starts at {start_i}, outside a clip of "
-                                 f"{num_frames} frames (valid: 0..{num_frames - 1}).")
-            if stop_i is not None and stop_i > num_frames:
-                raise ValueError(f"key frame list '{text}': '{item}' stops at {stop_i}, beyond a clip of "
-                                 f"{num_frames} frames.")
-            indices.extend(range(num_frames)[slice(start_i, stop_i, step_i)])
-        else:
-            indices.append(_parse_index(item, num_frames, text))
+        start, stop, step = (values + [None] * 3)[:3]
+        start_i = _resolve(start, num_frames) if start is not None else None
+        stop_i = _resolve(stop, num_frames) if stop is not None else None
+        if start_i is not None and not 0 <= start_i < num_frames:
+            raise ValueError(f"key frame list '{text}': '{item}' starts at {start}, outside a clip of "
+                             f"{num_frames} frames ({valid}).")
+        if stop_i is not None and stop_i > num_frames:
+            raise ValueError(f"key frame list '{text}': '{item}' stops at {stop}, beyond a clip of "
+                             f"{num_frames} frames.")
+        indices.extend(range(num_frames)[slice(start_i, stop_i, step)])
     validate_indices(indices, num_frames, f"key frame list '{text}'")
     return KeyFrameSelection(tuple(indices), num_frames)

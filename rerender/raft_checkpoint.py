@@ -70,8 +70,10 @@ def _read_state_dict(path: str) -> dict:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a pickle with code in it, random bytes: all "not readable"
-        raise ValueError(f"RAFT checkpoint {os.path.basename(path)!r} could not be read ({type(error).__name__}: "
-                         f"{error}); re-download the file, it looks corrupt or is not a weights file") from error
+        # PyTorch's own message advises weights_only=False, which must never be done with an untrusted file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}): it is corrupt, truncated "
+                         "or not a weights file; re-download it (RAFT: raft-sintel.pth from princeton-vl's RAFT, or "
+                         "torchvision's raft_large)") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"RAFT checkpoint {os.path.basename(path)!r} is not a state dict of tensors")
     return state_dict

@@ -77,6 +77,36 @@ class HostServer:
                     return response.status, await response.json()
         return asyncio.run(post())
 
+    def post_json(self, route: str, body: dict):
+        async def post():
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{self.url}{route}", json=body) as response:
+                    return response.status, await response.json(content_type=None)
+        return asyncio.run(post())
+
+    def queued_ids(self) -> tuple:
+        """(prompt ids running, prompt ids pending) from GET /queue."""
+        queue = self.get_json("/queue")
+        return [item[1] for item in queue["queue_running"]], [item[1] for item in queue["queue_pending"]]
+
+    def history_ids(self) -> set:
+        return set(self.get_json("/history"))
+
+    def submit(self, prompt: dict, client_id: str = "another-client") -> str:
+        """POST /prompt without following it; the prompt id."""
+        status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert status == 200, body
+        return body["prompt_id"]
+
+    def wait_for_history(self, prompt_id: str, timeout_s: float = 300) -> dict:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry is not None:           # the host writes a history entry when the prompt is done
+                return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout_s}s")
+
     def queue(self, prompt: dict, timeout_s: float = 600) -> tuple:
         """POST /prompt, follow /ws until the prompt finishes; returns (ws messages, its /history entry)."""
         return asyncio.run(self._queue(prompt, timeout_s))

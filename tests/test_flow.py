@@ -1,5 +1,6 @@
 """Flow estimation library (no host): recovery of known motion on real frames, warp-back on a real clip,
 disocclusion, the pair cache, RAFT checkpoint conversion, and bad input."""
+import argparse
 import math
 
 import cv2
@@ -241,8 +242,13 @@ def test_bad_checkpoints_are_refused_clearly(shared_data, tmp_path):
     incomplete = tmp_path / "incomplete.pth"
     small = torch.load(shared_data / "weights" / "raft-small.pth", map_location="cpu", weights_only=True)
     torch.save({k: v for k, v in small.items() if "update_block" not in k}, incomplete)
-    for path, message in [(garbage, "could not be read"), (truncated, "could not be read"),
-                          (not_raft, "is not a RAFT checkpoint"), (incomplete, "does not match")]:
+    with_code = tmp_path / "with_code.pth"     # a pickle of an arbitrary object: weights_only refuses it
+    torch.save({"args": argparse.Namespace(small=True)}, with_code)
+    for path in (garbage, truncated, with_code):
+        with pytest.raises(ValueError, match="is not a readable checkpoint") as error:
+            load_raft(str(path))
+        assert str(path) in str(error.value) and "weights_only" not in str(error.value)
+    for path, message in [(not_raft, "is not a RAFT checkpoint"), (incomplete, "does not match")]:
         with pytest.raises(ValueError, match=message):
             load_raft(str(path))
 

@@ -87,7 +87,7 @@ def test_dis_fallback_and_photometric_option(host, clip):
 
 def test_bad_input_is_refused_before_work(host, clip):
     import comfy.model_patcher
-    with pytest.raises(ValueError, match="at least 2 frames"):
+    with pytest.raises(ValueError, match="^Flow Estimation: `frames` holds 1 frame.*at least 2 frames"):
         host.run_node("Rerender_FlowEstimation", frames=clip[:1], **NODE_ARGS)
     not_raft = comfy.model_patcher.ModelPatcher(torch.nn.Conv2d(3, 2, 3), load_device=torch.device("cpu"),
                                                 offload_device=torch.device("cpu"))

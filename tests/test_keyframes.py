@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rerender.keyframes import (KeyFrameSelection, adaptive_keyframes, adaptive_keyframes_from_differences,
-                                frame_differences, parse_index_list, uniform_keyframes)
+                                check_index_list, frame_differences, parse_index_list, uniform_keyframes)
 
 
 def test_uniform_is_first_frame_then_every_k():
@@ -57,6 +57,21 @@ def test_index_list_syntax():
 def test_index_list_errors_name_the_problem(text, message):
     with pytest.raises(ValueError, match=message):
         parse_index_list(text, 30)
+
+
+def test_out_of_range_messages_quote_the_index_as_typed():
+    with pytest.raises(ValueError, match=r"index -5 is out of range for a clip of 3 frames") as error:
+        parse_index_list("0,-5", 3)
+    assert "-2" not in str(error.value)
+    with pytest.raises(ValueError, match=r"'-9:3' starts at -9"):
+        parse_index_list("-9:3", 3)
+
+
+@pytest.mark.parametrize("text", ["0,x", "0:1:2:3", "0:10:0", " , "])
+def test_index_list_syntax_is_checked_without_a_clip(text):
+    with pytest.raises(ValueError, match="key frame list"):
+        check_index_list(text)
+    check_index_list("0:-1:10,-1")     # valid syntax, whatever the clip length
 
 
 def test_bad_bounds_and_empty_clip():

@@ -6,7 +6,7 @@ import pytest
 
 from test_workflows_host import WORKFLOWS, for_tiny_models
 
-FULL_PIPELINE = WORKFLOWS / "rerender_full_pipeline_api.json"
+FULL_PIPELINE = WORKFLOWS / "api" / "rerender_full_pipeline.json"
 
 # (node class, input, bad value, what the error must say): each needs only the node's own widget values.
 WIDGET_MISTAKES = [

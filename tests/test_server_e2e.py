@@ -23,7 +23,7 @@ def test_server_starts_with_the_pack_and_lists_its_nodes(server):
 
 
 def test_api_workflow_runs_to_success(server):
-    prompt = json.loads((REPO_ROOT / "workflows" / "rerender_fidelity_roundtrip_api.json").read_text())
+    prompt = json.loads((REPO_ROOT / "workflows" / "api" / "rerender_fidelity_roundtrip.json").read_text())
     prompt["1"]["inputs"]["image"] = "rerender_example.png"
     messages, entry = server.queue(prompt)
     kinds = [m["type"] for m in messages]

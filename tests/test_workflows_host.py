@@ -54,7 +54,7 @@ def saved_files(server, entry):
 
 @pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only"])
 def test_video_workflow_runs_and_keeps_frame_count_and_rate(server, name):
-    prompt = for_tiny_models(json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
+    prompt = for_tiny_models(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
     messages, entry = server.queue(prompt)
     errors = [m["data"] for m in messages if m["type"] == "execution_error"]
     assert not errors, errors[0].get("exception_message", errors) if errors else None
@@ -65,7 +65,7 @@ def test_video_workflow_runs_and_keeps_frame_count_and_rate(server, name):
 
 
 def test_fidelity_img2img_workflow_runs(server):
-    prompt = for_tiny_models(json.loads((WORKFLOWS / "rerender_fidelity_img2img_api.json").read_text()))
+    prompt = for_tiny_models(json.loads((WORKFLOWS / "api" / "rerender_fidelity_img2img.json").read_text()))
     messages, entry = server.queue(prompt)
     assert entry["status"]["status_str"] == "success", [m for m in messages if m["type"] == "execution_error"]
     (image,) = saved_files(server, entry)

@@ -1,5 +1,10 @@
-"""Writes the shipped workflows, each as a UI-format file (for the editor) and its API-format twin (`*_api.json`,
-for headless queueing), from one description per graph, so the two never drift.
+"""Writes the shipped workflows, each as a UI-format file (for the editor) and its API-format twin, from one
+description per graph, so the two never drift.
+
+UI files sit in `workflows/` itself, named by their card title: the host's template browser lists every
+`workflows/*.json` of a pack as a card whose title (and description) is the file name, with `<name>.jpg` beside it as
+the thumbnail (tests/test_frontend_host.py writes them). The API twins go to `workflows/api/<name>.json`, which the
+browser does not list and `run_headless.py` reads.
 
 Every widget not set here gets the node's own default, read from the node definitions of a real ComfyUI with this
 pack loaded. Run after changing a node's inputs:
@@ -13,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+AUTOGROW = "COMFY_AUTOGROW_V3"                      # a growing list of sockets, e.g. Batch Images' images.image0..
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 # Layout: each group is a column of its nodes, groups side by side in the order given. Node heights are estimated
 # generously from their slots and widgets (the editor draws multiline text boxes and upload previews taller than a
@@ -46,9 +52,25 @@ class Node:
 
 @dataclass
 class Workflow:
-    name: str
+    name: str                                        # the API twin's file name: workflows/api/<name>.json
     nodes: list
     groups: dict                                     # title -> node keys, one column each, left to right
+    title: str = None                                # the template card's title = the UI file's name
+
+    @property
+    def ui_name(self) -> str:
+        return self.title or self.name
+
+
+API_DIR = HERE / "api"
+
+
+def ui_path(workflow: Workflow) -> Path:
+    return HERE / f"{workflow.ui_name}.json"
+
+
+def api_path(workflow: Workflow) -> Path:
+    return API_DIR / f"{workflow.name}.json"
 
 
 def node_definition(cls) -> dict:
@@ -61,6 +83,22 @@ def input_specs(definition: dict) -> list:
     specs = []
     for section in ("required", "optional"):
         specs.extend(definition["input"].get(section, {}).items())
+    return specs
+
+
+def ui_input_specs(node: Node, definition: dict) -> list:
+    """input_specs with each autogrow input expanded to the sockets the node links (`images.image0`, ...) and the
+    one free socket the editor shows after them."""
+    specs = []
+    for name, spec in input_specs(definition):
+        if type(spec[0]) is not str or spec[0] != AUTOGROW:   # IO.ANY compares equal to everything
+            specs.append((name, spec))
+            continue
+        template = spec[1]["template"]
+        (socket_type,) = [s[0] for section in template["input"].values() for s in section.values()]
+        linked = sorted((n for n in node.links if n.startswith(f"{name}.")),
+                        key=lambda n: int(n.rsplit(template["prefix"], 1)[1]))
+        specs.extend((n, (socket_type, {})) for n in linked + [f"{name}.{template['prefix']}{len(linked)}"])
     return specs
 
 
@@ -136,14 +174,14 @@ def to_ui(workflow: Workflow, definitions: dict, titles: dict) -> dict:
         definition = definitions[node.class_type]
         for name, (src, slot) in node.links.items():
             link_id = len(links) + 1
-            socket_inputs = [n for n, s in input_specs(definition) if not is_widget(s) or n in node.links]
+            socket_inputs = [n for n, s in ui_input_specs(node, definition) if not is_widget(s) or n in node.links]
             out_type = definitions[by_key(workflow, src).class_type]["outputs"][slot][0]
             links.append([link_id, ids[src], slot, ids[node.key], socket_inputs.index(name), out_type])
             out_links.setdefault((src, slot), []).append(link_id)
     for order, node in enumerate(workflow.nodes):
         definition = definitions[node.class_type]
         inputs = []
-        for name, spec in input_specs(definition):
+        for name, spec in ui_input_specs(node, definition):
             if is_widget(spec) and name not in node.links:
                 continue
             link = next((l[0] for l in links if l[3] == ids[node.key] and
@@ -256,7 +294,8 @@ def shipped_workflows() -> list:
                "Key frames, flow and control hints": ["picker", "flow", "canny"],
                "Model and prompts": ["checkpoint", "lora", "positive", "negative", "controlnet"],
                "Key frame rendering": ["attention", "sampler"],
-               "Propagation and output": ["propagator", "create", "save"]})
+               "Propagation and output": ["propagator", "create", "save"]},
+        title="Rerender - video to video")
 
     propagation = Workflow("rerender_propagation_only", input_video + [
         Node("picker", "Rerender_KeyframePicker", values={"mode": "list", "index_list": "0,-1"},
@@ -266,7 +305,8 @@ def shipped_workflows() -> list:
              ui_widgets=["key_first.png", "image"]),
         Node("last_key", "LoadImage", values={"image": "key_last.png"},
              ui_widgets=["key_last.png", "image"]),
-        Node("keys", "ImageBatch", links={"image1": ("first_key", 0), "image2": ("last_key", 0)}),
+        Node("keys", "BatchImagesNode",
+             links={"images.image0": ("first_key", 0), "images.image1": ("last_key", 0)}),
         Node("propagator", "Rerender_PatchPropagator",
              links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("keys", 0),
                     "flow": ("flow", 0)}),
@@ -274,7 +314,8 @@ def shipped_workflows() -> list:
         Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
     ], groups={"Input video": ["load", "components", "scale"], "Key frames and flow": ["picker", "flow"],
                "Your painted key frames (first and last frame)": ["first_key", "last_key", "keys"],
-               "Propagation and output": ["propagator", "create", "save"]})
+               "Propagation and output": ["propagator", "create", "save"]},
+        title="Rerender - painted key frames")
 
     img2img = Workflow("rerender_fidelity_img2img", [
         Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
@@ -292,7 +333,8 @@ def shipped_workflows() -> list:
              links={"images": ("decode", 0)}),
     ], groups={"Image and model": ["image", "checkpoint"],
                "Fidelity-oriented encode and prompts": ["positive", "negative", "encode"],
-               "Sample and save": ["ksampler", "decode", "save"]})
+               "Sample and save": ["ksampler", "decode", "save"]},
+        title="Rerender - fidelity img2img")
     roundtrip = Workflow("rerender_fidelity_roundtrip", [
         Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
         Node("vae", "VAELoader", values={"vae_name": "taef2"}),
@@ -308,7 +350,8 @@ def shipped_workflows() -> list:
         Node("indices", "PreviewAny", links={"source": ("picker", 2)}),
     ], groups={"Input": ["image", "vae"], "Fidelity-oriented encode": ["fidelity", "fidelity_decode", "fidelity_save"],
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
-               "Key frame picker": ["picker", "indices"]})
+               "Key frame picker": ["picker", "indices"]},
+        title="Rerender - fidelity round trip")
     return [full, propagation, img2img, roundtrip]
 
 
@@ -318,8 +361,9 @@ def build(nodes_module) -> list:
         classes = {n.class_type: nodes_module.NODE_CLASS_MAPPINGS[n.class_type] for n in workflow.nodes}
         definitions = {name: node_definition(cls) for name, cls in classes.items()}
         titles = {name: nodes_module.NODE_DISPLAY_NAME_MAPPINGS.get(name, name) for name in classes}
-        for suffix, data in (("", to_ui(workflow, definitions, titles)), ("_api", to_api(workflow, definitions, titles))):
-            path = HERE / f"{workflow.name}{suffix}.json"
+        API_DIR.mkdir(exist_ok=True)
+        for path, data in ((ui_path(workflow), to_ui(workflow, definitions, titles)),
+                           (api_path(workflow), to_api(workflow, definitions, titles))):
             path.write_text(json.dumps(data, indent=2) + "\n")
             written.append(path)
     return written
