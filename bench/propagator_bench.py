@@ -275,6 +275,7 @@ def main():
     parser.add_argument("--ebsynth", default=shutil.which("ebsynth"),
                         help="path of an EbSynth binary to compare with (default: `ebsynth` on PATH)")
     parser.add_argument("--no-ebsynth", action="store_true")
+    parser.add_argument("--no-ours", action="store_true", help="only the anchors (warp, EbSynth)")
     parser.add_argument("--telea", action="store_true", help="also run ours with the reference's TELEA hole fill")
     parser.add_argument("--poisson", action="store_true", help="also run ours with the Poisson fusion on")
     parser.add_argument("--summary", action="store_true", help="leave out the per-frame PSNR/SSIM lines")
@@ -285,7 +286,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)
-    args.variants = [("ours", propagate.PropagationSettings())]
+    args.variants = [] if args.no_ours else [("ours", propagate.PropagationSettings())]
     if args.telea:
         args.variants.append(("ours-telea", propagate.PropagationSettings(hole_fill="telea")))
     if args.poisson:
