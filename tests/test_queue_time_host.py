@@ -12,6 +12,9 @@ FULL_PIPELINE = WORKFLOWS / "api" / "rerender_full_pipeline.json"
 WIDGET_MISTAKES = [
     ("Rerender_PatchPropagator", "patch_size", 4, "`patch_size` must be odd"),
     ("Rerender_PatchPropagator", "patch_size", 17, "above its maximum"),
+    ("Rerender_KeyframePicker", {"mode": "adaptive", "s_min": 30, "s_max": 20}, None, "s_min (30) is larger"),
+    ("Rerender_KeyframePicker", {"mode": "adaptive", "s_min": 0}, None, "below its minimum"),
+    ("Rerender_KeyframePicker", {"mode": "list", "index_list": "0,a"}, None, "'a'"),
 ]
 
 
@@ -22,16 +25,18 @@ def node_id_of(prompt: dict, class_type: str) -> str:
 @pytest.mark.parametrize("class_type,name,value,expected", WIDGET_MISTAKES,
                          ids=[f"{c}.{n}={v}" for c, n, v, _ in WIDGET_MISTAKES])
 def test_widget_mistake_is_refused_at_queue_time(server, class_type, name, value, expected):
+    """`name` is one input (set to `value`) or a dict of inputs to set together."""
     prompt = for_tiny_models(json.loads(FULL_PIPELINE.read_text()))
     node = node_id_of(prompt, class_type)
-    prompt[node]["inputs"][name] = value
+    changes = name if isinstance(name, dict) else {name: value}
+    prompt[node]["inputs"].update(changes)
     history_before = len(server.get_json("/history"))
 
     status, body = server.post_prompt(prompt)
 
     assert status == 400, body
     details = " ".join(error["details"] for error in body["node_errors"][node]["errors"])
-    assert expected in details and name in details, body["node_errors"]
+    assert expected in details, body["node_errors"]
     assert list(body["node_errors"]) == [node], body["node_errors"]  # only the node at fault
     queue = server.get_json("/queue")
     assert queue["queue_running"] == [] and queue["queue_pending"] == []
