@@ -263,7 +263,29 @@ def shipped_workflows() -> list:
     ], groups={"Input": ["image", "vae"], "Fidelity-oriented encode": ["fidelity", "fidelity_decode", "fidelity_save"],
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
                "Key frame picker": ["picker", "indices"]})
-    return [full, propagation, img2img, roundtrip]
+    tokenflow = Workflow("rerender_tokenflow", input_video + [
+        Node("checkpoint", "CheckpointLoaderSimple", (400, 0), values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("source_prompt", "CLIPTextEncode", (400, 180), values={"text": ""}, links={"clip": ("checkpoint", 1)}),
+        Node("positive", "CLIPTextEncode", (400, 440), values={"text": "a marble sculpture, best quality"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("negative", "CLIPTextEncode", (400, 700),
+             values={"text": "ugly, blurry, low res, unrealistic, unaesthetic"}, links={"clip": ("checkpoint", 1)}),
+        Node("inversion", "Rerender_Inversion", (800, 0),
+             links={"model": ("checkpoint", 0), "conditioning": ("source_prompt", 0), "frames": ("scale", 0),
+                    "vae": ("checkpoint", 2)}),
+        Node("reconstruction", "VAEDecode", (800, 520), links={"samples": ("inversion", 1), "vae": ("checkpoint", 2)}),
+        Node("reconstruction_preview", "PreviewImage", (800, 720), links={"images": ("reconstruction", 0)}),
+        Node("tokenflow", "Rerender_TokenFlowSampler", (1200, 0),
+             links={"model": ("checkpoint", 0), "positive": ("positive", 0), "negative": ("negative", 0),
+                    "inversion": ("inversion", 0)}),
+        Node("decode", "VAEDecode", (1600, 0), links={"samples": ("tokenflow", 0), "vae": ("checkpoint", 2)}),
+        Node("create", "CreateVideo", (1600, 200), links={"images": ("decode", 0), "fps": ("components", 2)}),
+        Node("save", "SaveVideo", (1600, 460), links={"video": ("create", 0)}, **save_video),
+    ], groups={"Input video": ["load", "components", "scale"],
+               "Model and prompts (inversion prompt empty)": ["checkpoint", "source_prompt", "positive", "negative"],
+               "DDIM inversion (check the reconstruction)": ["inversion", "reconstruction", "reconstruction_preview"],
+               "TokenFlow editing and output": ["tokenflow", "decode", "create", "save"]})
+    return [full, propagation, img2img, roundtrip, tokenflow]
 
 
 def build(nodes_module) -> list:
