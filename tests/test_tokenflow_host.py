@@ -97,3 +97,15 @@ def test_bad_input_is_refused_before_work(host):
         conditioning(0), conditioning(1), tiny_controlnet(0), hints, 1.0, 0.0, 1.0)
     with pytest.raises(Exception, match="3 hint images for 5 frames"):
         tokenflow(host, model, inversion, positive, negative)
+
+
+def test_injection_layers_are_derived_from_the_decoder_layout(host):
+    pnp_layers = host.pack_module("nodes.tokenflow").pnp_layers
+    # SD1.x layout (the tiny model keeps SD1.5's blocks, decoder attention in output blocks 3..11): the res block
+    # of output 4 = up_blocks[1].resnets[1]; Q/K in up_blocks[1].attentions[1:], [2], [3] = output 4..11.
+    residual, attention = pnp_layers(tiny_sd15(0))
+    assert residual == 4 and attention == {("output", n, 0) for n in range(4, 12)}
+    # SDXL layout: its first decoder level is already at 1/4 resolution
+    residual, attention = pnp_layers(tiny_sdxl(0))
+    assert residual == 1
+    assert attention == {("output", n, i) for n in (1, 2) for i in (0, 1)} | {("output", n, 0) for n in (3, 4, 5)}

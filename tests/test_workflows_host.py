@@ -51,7 +51,8 @@ def video_frames_and_fps(path):
 
 def saved_files(server, entry):
     return [server.base / "output" / item["subfolder"] / item["filename"]
-            for output in entry["outputs"].values() for item in output.get("images", [])]
+            for output in entry["outputs"].values() for item in output.get("images", [])
+            if item.get("type", "output") == "output"]  # previews (type "temp") are not saved files
 
 
 @pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only", "rerender_tokenflow"])

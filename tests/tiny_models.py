@@ -124,12 +124,13 @@ def save_tiny_controlnet(path, seed: int = 0) -> None:
 TINY_SD2_UNET = dict(TINY_SD15_UNET, context_dim=1024, use_linear_in_transformer=True)
 
 # SDXL's layout at a fraction of the width: three levels, no attention at the first, deeper transformers at the last
-# (SDXL has 2 and 10), 2048-d context and the 2816-d "adm" vector (pooled text embedding + size conditioning).
+# (SDXL has 2 and 10; the host pops transformer_depth_output from the end, so output blocks 0-2 get depth 2),
+# 2048-d context and the 2816-d "adm" vector (pooled text embedding + size conditioning).
 TINY_SDXL_UNET = {
     "model_channels": 32, "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816,
     "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2],
     "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 2, 2],
-    "transformer_depth_output": [2, 2, 2, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 2, "num_classes": "sequential",
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "transformer_depth_middle": 2, "num_classes": "sequential",
     "num_heads": 4, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
     "use_temporal_resblock": False, "use_checkpoint": False,
 }
