@@ -22,6 +22,8 @@ TINY_OVERRIDES = {
     "Rerender_KeyframePicker": {"interval": 3},
     "Rerender_KeyframeSampler": {"steps": 3},
     "KSampler": {"steps": 3},
+    "Rerender_Inversion": {"steps": 3, "inversion_steps": 3},
+    "Rerender_TokenFlowSampler": {"steps": 3, "chunk_size": 2},
 }
 HEADLESS_SETS = ["ImageScale.width=64", "ImageScale.height=64", "Rerender_KeyframePicker.interval=3",
                  "Rerender_KeyframeSampler.steps=3"]
@@ -49,10 +51,11 @@ def video_frames_and_fps(path):
 
 def saved_files(server, entry):
     return [server.base / "output" / item["subfolder"] / item["filename"]
-            for output in entry["outputs"].values() for item in output.get("images", [])]
+            for output in entry["outputs"].values() for item in output.get("images", [])
+            if item.get("type", "output") == "output"]  # previews (type "temp") are not saved files
 
 
-@pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only"])
+@pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only", "rerender_tokenflow"])
 def test_video_workflow_runs_and_keeps_frame_count_and_rate(server, name):
     prompt = for_tiny_models(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
     messages, entry = server.queue(prompt)

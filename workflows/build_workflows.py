@@ -352,7 +352,30 @@ def shipped_workflows() -> list:
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
                "Key frame picker": ["picker", "indices"]},
         title="Rerender - fidelity round trip")
-    return [full, propagation, img2img, roundtrip]
+    tokenflow = Workflow("rerender_tokenflow", input_video + [
+        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("source_prompt", "CLIPTextEncode", values={"text": ""}, links={"clip": ("checkpoint", 1)}),
+        Node("positive", "CLIPTextEncode", values={"text": "a marble sculpture, best quality"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("negative", "CLIPTextEncode",
+             values={"text": "ugly, blurry, low res, unrealistic, unaesthetic"}, links={"clip": ("checkpoint", 1)}),
+        Node("inversion", "Rerender_Inversion",
+             links={"model": ("checkpoint", 0), "conditioning": ("source_prompt", 0), "frames": ("scale", 0),
+                    "vae": ("checkpoint", 2)}),
+        Node("reconstruction", "VAEDecode", links={"samples": ("inversion", 1), "vae": ("checkpoint", 2)}),
+        Node("reconstruction_preview", "PreviewImage", links={"images": ("reconstruction", 0)}),
+        Node("tokenflow", "Rerender_TokenFlowSampler",
+             links={"model": ("checkpoint", 0), "positive": ("positive", 0), "negative": ("negative", 0),
+                    "inversion": ("inversion", 0)}),
+        Node("decode", "VAEDecode", links={"samples": ("tokenflow", 0), "vae": ("checkpoint", 2)}),
+        Node("create", "CreateVideo", links={"images": ("decode", 0), "fps": ("components", 2)}),
+        Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
+    ], groups={"Input video": ["load", "components", "scale"],
+               "Model and prompts (inversion prompt empty)": ["checkpoint", "source_prompt", "positive", "negative"],
+               "DDIM inversion (check the reconstruction)": ["inversion", "reconstruction", "reconstruction_preview"],
+               "TokenFlow editing and output": ["tokenflow", "decode", "create", "save"]},
+        title="Rerender - TokenFlow")
+    return [full, propagation, img2img, roundtrip, tokenflow]
 
 
 def build(nodes_module) -> list:
