@@ -376,6 +376,8 @@ class TuneAVideo(io.ComfyNode):
                 TunedVideo.Output(display_name="tuned", tooltip="The tuned parameters (for Save Tune-A-Video)."),
                 LossMap.Output(display_name="loss_map", tooltip="Training loss per step (the host's Plot Loss Graph "
                                                                 "draws it)."),
+                io.Latent.Output(display_name="clip", tooltip="The tuned frames' latents (frame_count at "
+                                                              "frame_stride): invert these, or sample from them."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -423,7 +425,8 @@ class TuneAVideo(io.ComfyNode):
             report.append(f"interrupted: the tuned model keeps the state after {done} steps")
             logging.warning("%s interrupted after %d of %d steps; keeping that state", NODE_NAME, done, steps)
         logging.info("; ".join(report))
-        return io.NodeOutput(apply_tuned(model, tuned), tuned, {"loss": losses}, ui=ui.PreviewText("\n".join(report)))
+        return io.NodeOutput(apply_tuned(model, tuned), tuned, {"loss": losses}, {"samples": clip},
+                             ui=ui.PreviewText("\n".join(report)))
 
 
 def clip_latents(frames, vae, latent, frame_count, frame_stride, start_frame) -> torch.Tensor:

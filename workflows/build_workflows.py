@@ -263,7 +263,30 @@ def shipped_workflows() -> list:
     ], groups={"Input": ["image", "vae"], "Fidelity-oriented encode": ["fidelity", "fidelity_decode", "fidelity_save"],
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
                "Key frame picker": ["picker", "indices"]})
-    return [full, propagation, img2img, roundtrip]
+    tune_a_video = Workflow("rerender_tune_a_video", input_video + [
+        Node("checkpoint", "CheckpointLoaderSimple", (400, 0), values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("source_prompt", "CLIPTextEncode", (400, 180), values={"text": "a jeep car is moving on the road"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("encode", "VAEEncode", (400, 440), links={"pixels": ("scale", 0), "vae": ("checkpoint", 2)}),
+        Node("tune", "Rerender_TuneAVideo", (800, 0),
+             links={"model": ("checkpoint", 0), "positive": ("source_prompt", 0), "latent": ("encode", 0)}),
+        Node("save_tuned", "Rerender_TuneAVideoSave", (800, 620), links={"tuned": ("tune", 1)}),
+        Node("edit_prompt", "CLIPTextEncode", (1200, 0), values={"text": "a jeep car is moving on the beach"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("negative", "CLIPTextEncode", (1200, 260), values={"text": ""}, links={"clip": ("checkpoint", 1)}),
+        Node("ksampler", "KSampler", (1600, 0),
+             values={"steps": 50, "cfg": 12.5, "sampler_name": "ddim", "scheduler": "ddim_uniform"},
+             links={"model": ("tune", 0), "positive": ("edit_prompt", 0), "negative": ("negative", 0),
+                    "latent_image": ("tune", 3)}),
+        Node("decode", "VAEDecode", (2000, 0), links={"samples": ("ksampler", 0), "vae": ("checkpoint", 2)}),
+        Node("create", "CreateVideo", (2000, 200), values={"fps": 8.0}, links={"images": ("decode", 0)}),
+        Node("save", "SaveVideo", (2000, 460), links={"video": ("create", 0)}, **save_video),
+    ], groups={"Input video": ["load", "components", "scale"],
+               "One-shot tuning on the clip (source prompt)": ["checkpoint", "source_prompt", "encode", "tune",
+                                                               "save_tuned"],
+               "Edit: sample the whole clip with the tuned model": ["edit_prompt", "negative", "ksampler"],
+               "Output": ["decode", "create", "save"]})
+    return [full, propagation, img2img, roundtrip, tune_a_video]
 
 
 def build(nodes_module) -> list:
