@@ -18,7 +18,8 @@ def clip(host, shared_data):
     import torch.nn.functional as F
     frames = read_frames(shared_data / "videos" / "car_turn_480x480_10fps.mp4", FRAMES, stride=2)
     frames = F.interpolate(frames.movedim(-1, 1), size=(SIZE, SIZE), mode="area").movedim(1, -1)
-    return {"samples": tiny_sd_vae(0).encode(frames)}
+    with torch.inference_mode():  # as in a node: no graph, inference tensors
+        return {"samples": tiny_sd_vae(0).encode(frames)}
 
 
 def tune(host, model, clip, **settings):
