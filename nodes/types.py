@@ -3,3 +3,4 @@ from comfy_api.latest import io
 
 KeyFrames = io.Custom("RERENDER_KEYFRAMES")
 VideoFlow = io.Custom("RERENDER_FLOW")
+Inversion = io.Custom("RERENDER_INVERSION")

@@ -118,3 +118,64 @@ def save_tiny_controlnet(path, seed: int = 0) -> None:
     module = tiny_controlnet_module(seed, SD15_WIDTH_UNET)
     state = {f"control_model.{k}": v.contiguous() for k, v in module.state_dict().items()}
     safetensors.torch.save_file(state, str(path))
+
+
+# SD2.x's layout (1024-d text context, linear projections in the transformers) at the tiny SD1.5 width.
+TINY_SD2_UNET = dict(TINY_SD15_UNET, context_dim=1024, use_linear_in_transformer=True)
+
+# SDXL's layout at a fraction of the width: three levels, no attention at the first, deeper transformers at the last
+# (SDXL has 2 and 10), 2048-d context and the 2816-d "adm" vector (pooled text embedding + size conditioning).
+TINY_SDXL_UNET = {
+    "model_channels": 32, "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816,
+    "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "transformer_depth_output": [2, 2, 2, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 2, "num_classes": "sequential",
+    "num_heads": 4, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+    "use_temporal_resblock": False, "use_checkpoint": False,
+}
+
+
+def _patcher(base, seed):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    init_parameters(base.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_sd2_vpred(seed: int = 0, unet_config: dict = TINY_SD2_UNET):
+    """ModelPatcher around a random-weight SD2.x-architecture UNet with v-prediction (as SD2.1-768)."""
+    import comfy.model_base
+    import comfy.supported_models
+    model_config = comfy.supported_models.SD20(copy.deepcopy(unet_config))
+    model_config.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)  # tiny width
+    model_config.set_inference_dtype(torch.float32, None)
+    base = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    return _patcher(base, seed)
+
+
+def tiny_sdxl(seed: int = 0, unet_config: dict = TINY_SDXL_UNET):
+    """ModelPatcher around a random-weight SDXL-layout UNet (EPS, SDXL latent format, adm conditioning)."""
+    import comfy.supported_models
+    model_config = comfy.supported_models.SDXL(copy.deepcopy(unet_config))
+    model_config.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
+    model_config.set_inference_dtype(torch.float32, None)
+    return _patcher(model_config.get_model({}), seed)
+
+
+def sdxl_conditioning(seed: int = 0, tokens: int = 77):
+    """A CONDITIONING for the tiny SDXL UNet: 2048-d text embedding and a 1280-d pooled embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 2048, generator=gen), {"pooled_output": torch.randn(1, 1280, generator=gen)}]]
+
+
+def with_unit_norm_gains(model):
+    """The same random model with every normalisation gain at 1: `init_parameters` leaves gains of norms whose name
+    lacks "norm" (the UNet's `out.0`, the res blocks' `in_layers.0` / `out_layers.0`) at ~0.02, which makes the
+    predicted noise ~0.02 and nearly input-independent; DDIM inversion tests need an ε of order 1 that depends on x.
+    Modifies and returns the ModelPatcher built by one of the builders above."""
+    with torch.no_grad():
+        for module in model.model.diffusion_model.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.fill_(1.0)
+    return model
