@@ -27,6 +27,8 @@ from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy_api.latest import io, ui
 from comfy_extras import nodes_train
 
+from .inversion import start_noise
+from .types import Inversion
 from ..rerender.tune_a_video import (TRAINED_PROJECTIONS, TemporalAttention, TunedParameters, base_fingerprint,
                                      check_frame_sizes, select_frames, sparse_causal_inputs, tuning_loss)
 
@@ -512,4 +514,46 @@ class LoadTuneAVideo(io.ComfyNode):
         return io.NodeOutput(apply_tuned(model, tuned), tuned)
 
 
-NODES = [TuneAVideo, SaveTuneAVideo, LoadTuneAVideo]
+class InvertedNoise:
+    """A NOISE for SamplerCustomAdvanced that starts the sampler, from an all-zero latent, exactly at the inverted
+    clip (the reference's x_T from DDIM inversion); the seed is only reported."""
+
+    def __init__(self, noise: torch.Tensor, seed: int = 0):
+        self.noise, self.seed = noise, seed
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        if tuple(samples.shape) != tuple(self.noise.shape):
+            raise ValueError(f"Inverted Noise: the latent to sample {tuple(samples.shape)} is not the inverted clip "
+                             f"{tuple(self.noise.shape)}; connect this node's `latent` output as latent_image.")
+        return self.noise.clone()
+
+
+class InvertedNoiseNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Rerender_InvertedNoise",
+            display_name="Inverted Noise",
+            category=CATEGORY,
+            description="Turns a Video Inversion into the starting point of the host's SamplerCustomAdvanced: a "
+                        "NOISE that makes the sampler start at the inverted clip (from an all-zero latent), for the "
+                        "whole clip as one batch. Tune-A-Video samples its edit this way.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that will sample (its noise scaling is read)."),
+                Inversion.Input("inversion", tooltip="From Video Inversion (DDIM), made with the same model and the "
+                                                     "sampler's steps / scheduler."),
+            ],
+            outputs=[io.Noise.Output(display_name="noise", tooltip="For SamplerCustomAdvanced's `noise`."),
+                     io.Latent.Output(display_name="latent", tooltip="All zeros at the clip's shape: "
+                                                                     "SamplerCustomAdvanced's `latent_image`.")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion) -> io.NodeOutput:
+        top = int(inversion.sigmas.argmax())
+        noise = start_noise(model, inversion.state(top), float(inversion.sigmas[top]))
+        return io.NodeOutput(InvertedNoise(noise), {"samples": torch.zeros_like(noise)})
+
+
+NODES = [TuneAVideo, SaveTuneAVideo, LoadTuneAVideo, InvertedNoiseNode]

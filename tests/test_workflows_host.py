@@ -23,6 +23,8 @@ TINY_OVERRIDES = {
     "Rerender_KeyframeSampler": {"steps": 3},
     "KSampler": {"steps": 3},
     "Rerender_TuneAVideo": {"steps": 2, "mixed_precision": "fp32", "gradient_checkpointing": False},
+    "Rerender_Inversion": {"steps": 3, "inversion_steps": 3},
+    "BasicScheduler": {"steps": 3},
 }
 HEADLESS_SETS = ["ImageScale.width=64", "ImageScale.height=64", "Rerender_KeyframePicker.interval=3",
                  "Rerender_KeyframeSampler.steps=3"]
