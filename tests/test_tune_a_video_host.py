@@ -157,3 +157,20 @@ def test_bad_input_is_refused_before_any_work(host, tuned, clip):
     with pytest.raises(ValueError, match="already"):
         tune(host, tuned["model"], clip)
     assert not base.patches and not base.object_patches
+
+
+def test_an_interrupt_keeps_the_state_of_the_finished_steps(host, clip):
+    import comfy.model_management as mm
+    nodes = host.pack_module("nodes.tune_a_video")
+    settings = dict(steps=10, learning_rate=1e-3, weight_decay=1e-2, max_grad_norm=1.0, seed=0,
+                    gradient_checkpointing=False, mixed_precision="fp32")
+
+    def interrupt_after_third(step, loss):
+        if step == 2:
+            mm.interrupt_current_processing(True)
+
+    tuned, losses, done, interrupted, _ = nodes.tune(tiny_sd15(0), conditioning(0), clip["samples"], settings,
+                                                     on_step=interrupt_after_third)
+    assert interrupted and done == 3 and len(losses) == 3
+    assert not mm.processing_interrupted()
+    assert all(d.abs().max() > 0 for d in tuned.query_deltas.values())
