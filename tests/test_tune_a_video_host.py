@@ -48,7 +48,8 @@ def tuned(host, clip):
     before = snapshot(model)
     options_before = repr(model.model_options)
     output_before = unet_call(model, clip["samples"])
-    tuned_model, params, losses = tune(host, model, clip)
+    tuned_model, params, losses, tuned_clip = tune(host, model, clip)
+    assert torch.equal(tuned_clip["samples"], clip["samples"])  # frame_count = all 4 frames, stride 1
     return dict(base=model, before=before, options_before=options_before, output_before=output_before,
                 model=tuned_model, params=params, losses=losses)
 
