@@ -22,8 +22,10 @@ TINY_OVERRIDES = {
     "Rerender_KeyframePicker": {"interval": 3},
     "Rerender_KeyframeSampler": {"steps": 3},
     "KSampler": {"steps": 3},
+    "Rerender_TuneAVideo": {"steps": 2, "mixed_precision": "fp32", "gradient_checkpointing": False},
     "Rerender_Inversion": {"steps": 3, "inversion_steps": 3},
     "Rerender_TokenFlowSampler": {"steps": 3, "chunk_size": 2},
+    "BasicScheduler": {"steps": 3},
 }
 HEADLESS_SETS = ["ImageScale.width=64", "ImageScale.height=64", "Rerender_KeyframePicker.interval=3",
                  "Rerender_KeyframeSampler.steps=3"]
@@ -105,3 +107,14 @@ def test_headless_command_names_a_missing_model(server, tmp_path):
     assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "not_there.safetensors" in lines[0] and "models/checkpoints" in lines[0]
+
+
+def test_tune_a_video_workflow_tunes_saves_and_samples_the_clip(server):
+    prompt = for_tiny_models(json.loads((WORKFLOWS / "api" / "rerender_tune_a_video.json").read_text()))
+    messages, entry = server.queue(prompt)
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert not errors, errors[0].get("exception_message", errors) if errors else None
+    (video,) = saved_files(server, entry)
+    frames, _ = video_frames_and_fps(video)
+    assert frames == len(range(0, CLIP_FRAMES, 2))   # the tuned frames: every 2nd (reference stride)
+    assert list((server.base / "models" / "tune_a_video").rglob("*.safetensors"))

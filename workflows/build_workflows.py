@@ -375,7 +375,44 @@ def shipped_workflows() -> list:
                "DDIM inversion (check the reconstruction)": ["inversion", "reconstruction", "reconstruction_preview"],
                "TokenFlow editing and output": ["tokenflow", "decode", "create", "save"]},
         title="Rerender - TokenFlow")
-    return [full, propagation, img2img, roundtrip, tokenflow]
+    tune_a_video = Workflow("rerender_tune_a_video", input_video + [
+        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("source_prompt", "CLIPTextEncode", values={"text": "a jeep car is moving on the road"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("encode", "VAEEncode", links={"pixels": ("scale", 0), "vae": ("checkpoint", 2)}),
+        Node("tune", "Rerender_TuneAVideo",
+             links={"model": ("checkpoint", 0), "positive": ("source_prompt", 0), "latent": ("encode", 0)}),
+        Node("save_tuned", "Rerender_TuneAVideoSave", links={"tuned": ("tune", 1)}),
+        Node("edit_prompt", "CLIPTextEncode", values={"text": "a jeep car is moving on the beach"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("negative", "CLIPTextEncode", values={"text": ""}, links={"clip": ("checkpoint", 1)}),
+        Node("empty_prompt", "CLIPTextEncode", values={"text": ""}, links={"clip": ("checkpoint", 1)}),
+        Node("invert", "Rerender_Inversion",
+             values={"steps": 50, "sampler_name": "ddim", "scheduler": "ddim_uniform", "inversion_steps": 50,
+                     "batch_size": 24},
+             links={"model": ("tune", 0), "conditioning": ("empty_prompt", 0), "latent": ("tune", 3)}),
+        Node("start", "Rerender_InvertedNoise", links={"model": ("tune", 0), "inversion": ("invert", 0)}),
+        Node("guider", "CFGGuider", values={"cfg": 12.5},
+             links={"model": ("tune", 0), "positive": ("edit_prompt", 0), "negative": ("negative", 0)}),
+        Node("sampler_select", "KSamplerSelect", values={"sampler_name": "ddim"}),
+        Node("schedule", "BasicScheduler", values={"scheduler": "ddim_uniform", "steps": 50},
+             links={"model": ("tune", 0)}),
+        Node("ksampler", "SamplerCustomAdvanced",
+             links={"noise": ("start", 0), "guider": ("guider", 0), "sampler": ("sampler_select", 0),
+                    "sigmas": ("schedule", 0), "latent_image": ("start", 1)}),
+        Node("decode", "VAEDecode", links={"samples": ("ksampler", 0), "vae": ("checkpoint", 2)}),
+        Node("create", "CreateVideo", values={"fps": 8.0}, links={"images": ("decode", 0)}),
+        Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
+    ], groups={"Input video": ["load", "components", "scale"],
+               "One-shot tuning on the clip": ["checkpoint", "source_prompt", "encode", "tune",
+                                                               "save_tuned"],
+               "Invert with the tuned model (no CFG)": ["empty_prompt", "invert",
+                                                                                        "start"],
+               "Edit the whole clip (CFG 12.5)": [
+                   "edit_prompt", "negative", "guider", "sampler_select", "schedule", "ksampler"],
+               "Output": ["decode", "create", "save"]},
+        title="Rerender - Tune-A-Video")
+    return [full, propagation, img2img, roundtrip, tokenflow, tune_a_video]
 
 
 def build(nodes_module) -> list:
