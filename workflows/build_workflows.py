@@ -196,11 +196,15 @@ def shipped_workflows() -> list:
                                                                           "missing fingers, cropped, worst quality"},
              links={"clip": ("lora", 1)}),
         Node("controlnet", "ControlNetLoader", (800, 940), values={"control_net_name": "control_v11p_sd15_canny.pth"}),
+        Node("apply_controlnet", "ControlNetApplyAdvanced", (1200, 940),
+             values={"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+             links={"positive": ("positive", 0), "negative": ("negative", 0), "control_net": ("controlnet", 0),
+                    "image": ("canny", 0), "vae": ("checkpoint", 2)}),
         Node("attention", "Rerender_CrossFrameAttention", (1200, 0), links={"model": ("lora", 0)}),
         Node("sampler", "Rerender_KeyframeSampler", (1200, 260),
-             links={"model": ("attention", 0), "positive": ("positive", 0), "negative": ("negative", 0),
-                    "vae": ("checkpoint", 2), "frames": ("scale", 0), "keyframes": ("picker", 1),
-                    "flow": ("flow", 0), "control_net": ("controlnet", 0), "control_hints": ("canny", 0)}),
+             links={"model": ("attention", 0), "positive": ("apply_controlnet", 0),
+                    "negative": ("apply_controlnet", 1), "vae": ("checkpoint", 2), "frames": ("scale", 0),
+                    "keyframes": ("picker", 1), "flow": ("flow", 0)}),
         Node("propagator", "Rerender_PatchPropagator", (1600, 0),
              links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("sampler", 0),
                     "flow": ("flow", 0)}),
@@ -209,7 +213,7 @@ def shipped_workflows() -> list:
     ], groups={"Input video": ["load", "components", "scale"],
                "Key frames, flow and control hints": ["picker", "flow", "canny"],
                "Model and prompts": ["checkpoint", "lora", "positive", "negative", "controlnet"],
-               "Key frame rendering": ["attention", "sampler"],
+               "Key frame rendering": ["attention", "apply_controlnet", "sampler"],
                "Propagation and output": ["propagator", "create", "save"]})
 
     propagation = Workflow("rerender_propagation_only", input_video + [
