@@ -7,7 +7,7 @@ each evaluation and its linear response to the state (rerender.evaluation_plan),
 whole schedule. Its model function, per evaluation:
   state the model sees = sampler's x + O (O carried by the response),
   hooks.before(evaluation, state) may return a new state (O absorbs the difference),
-  the model is called (or hooks.replay returns a recorded output),
+  the model is called (or hooks.replay returns a recorded output, except for samplers that read the CFG halves),
   hooks.after(evaluation, state, x̂0) may return an edited x̂0: the sampler still gets the model's own x̂0, and the
   edit δ moves the state entering the next step by exactly a(σ)·δ (the reference's DDIM rule "edited x̂0, the
   UNet's own noise"), for every sampler alike.
@@ -154,7 +154,10 @@ class _SteeredModel:
         if changed is not None:
             self.offset = (changed - x) if self.offset is None else self.offset + (changed - state)
             state = changed
-        denoised = self.hooks.replay(evaluation)
+        # A sampler that reads the CFG halves through a post-CFG function (the *_cfg_pp ones) needs the model
+        # really called; elsewhere a recorded output may stand in for an evaluation known to be identical.
+        reads_cfg = extra_args.get("model_options", {}).get("sampler_post_cfg_function")
+        denoised = None if reads_cfg else self.hooks.replay(evaluation)
         if denoised is None:
             denoised = self.model(state, sigma, **extra_args)
         edited = self.hooks.after(evaluation, state, denoised)
