@@ -6,7 +6,7 @@ import torch
 
 from tiny_models import conditioning, tiny_sd15, tiny_sd_vae
 
-SIZE, SEED, STEPS = 32, 7, 3
+SIZE, SEED, STEPS = 32, 7, 2
 
 
 def frames_of(*seeds):
