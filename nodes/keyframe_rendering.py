@@ -123,9 +123,8 @@ class KeyframePass(SteeringHooks):
         self.fusion_field, self.blend, self.replayed = fusion_field, blend, replay
         self.kept: Optional[Dict[int, torch.Tensor]] = {} if keep_for_replay else None
         self.replay_until, self.last_x0 = 0, None
-        s = renderer
-        self.adain_steps, self.fusion_steps = s.adain_steps, s.shape_steps
-        self.blend_steps = frozenset(s.blend_steps) if blend is not None else frozenset()
+        self.adain_steps, self.fusion_steps = renderer.adain_steps, renderer.shape_steps
+        self.blend_steps = frozenset(renderer.blend_steps) if blend is not None else frozenset()
 
     def start(self, plan: EvaluationPlan) -> None:
         super().start(plan)
