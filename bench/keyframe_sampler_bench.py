@@ -3,10 +3,11 @@
 Model: random-weight UNet at SD1.5's real width (320/640 channels, SD1.5's block types, two levels), so attention
 and convolutions weigh about what they weigh in SD1.5; the cache is measured on the full SD1.5 layout. The VAE's
 share is counted apart (the reference needs 3 encodes and 4 decodes per key frame; on a CPU they can dominate) and
-its calls are counted and timed. Prints seconds per key frame (the anchor excluded) with every constraint on, the
-ratio outside the VAE (target <= 2.2x), the cost of each constraint alone, and the cross-frame attention cache at
-512x512. Needs $COMFYUI_PATH. Usage:
+its calls are counted and timed. Prints, per sampler, seconds per key frame (the anchor excluded) with every
+constraint on, the ratio outside the VAE against KSampler img2img with the same sampler (target <= 2.2x), the cost
+of each constraint alone, and the cross-frame attention cache at 512x512. Needs $COMFYUI_PATH. Usage:
     COMFYUI_PATH=/path/to/ComfyUI python bench/keyframe_sampler_bench.py [--size 256] [--steps 4] [--skip-each]
+        [--samplers ddim euler_ancestral dpmpp_2m]
 """
 import argparse
 import sys
@@ -63,8 +64,12 @@ class Bench:
             self.flow.pair(index - 1, index)
         (self.patched,) = host.run_node("Rerender_CrossFrameAttention", model=self.model, layers="all", start=0.0,
                                         end=1.0)
-        self.common = dict(seed=SEED, steps=args.steps, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform",
-                           denoise=args.denoise)
+        self.use_sampler("ddim")
+
+    def use_sampler(self, name: str) -> None:
+        """ddim with the reference's ddim_uniform timesteps, every other sampler with karras."""
+        self.common = dict(seed=SEED, steps=self.args.steps, cfg=7.5, sampler_name=name,
+                           scheduler="ddim_uniform" if name == "ddim" else "karras", denoise=self.args.denoise)
 
     def plain(self) -> dict:
         """KSampler img2img of one frame: VAE Encode, KSampler, VAE Decode."""
@@ -74,7 +79,8 @@ class Bench:
         latent = self.vae.encode(frame)
         encoded = time.perf_counter()
         samples = comfy.sample.sample(self.model, comfy.sample.prepare_noise(latent, SEED), self.args.steps, 7.5,
-                                      "ddim", "ddim_uniform", self.positive, self.negative, latent,
+                                      self.common["sampler_name"], self.common["scheduler"], self.positive,
+                                      self.negative, latent,
                                       denoise=self.args.denoise, disable_pbar=True, seed=SEED)
         sampled = time.perf_counter()
         self.vae.decode(samples)
@@ -126,6 +132,31 @@ def row(name: str, result: dict, plain: dict) -> str:
             f"{result['encodes']:4.0f}/{result['decodes']:.0f}")
 
 
+def measure(bench, configs, args) -> float:
+    """Print the table for the current sampler; returns the non-VAE ratio with every constraint on."""
+    name = bench.common["sampler_name"]
+    print(f"\n{name}/{bench.common['scheduler']}: seconds per key frame, fastest of {args.repeats} (each against "
+          f"KSampler img2img with {name}, runs interleaved: the machine is noisy)")
+    print(f"{'':38s} {'total':>8s} {'VAE':>7s} {'non-VAE':>9s} {'vs plain':>9s} enc/dec")
+    ratio = None
+    for number, (label, patched, periods) in enumerate(configs):
+        plains, results = [], []
+        for _ in range(args.repeats):
+            plains.append(bench.plain())
+            results.append(bench.keyframes(patched, **periods))
+        plain = min(plains, key=lambda r: r["total"] - r["vae"])
+        result = min(results, key=lambda r: r["total"] - r["vae"])
+        print(row("KSampler img2img", plain, plain))
+        print(row(label, result, plain), flush=True)
+        if number == 0:
+            for line in result["report"]:
+                print(f"    note: {line}")
+            ratio = (result["total"] - result["vae"]) / (plain["total"] - plain["vae"])
+            print(f"    outside the VAE: {ratio:.2f}x plain (target <= 2.2x); VAE {result['vae']:.1f} s for "
+                  f"{result['encodes']:.0f} encodes + {result['decodes']:.0f} decodes per key frame")
+    return ratio
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
@@ -136,6 +167,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement (the fastest counts)")
     parser.add_argument("--skip-each", action="store_true", help="skip the cost of each constraint alone")
     parser.add_argument("--cache-size", type=int, default=512, help="frame size of the cache measurement (0: skip)")
+    parser.add_argument("--samplers", nargs="+", default=["ddim", "euler_ancestral", "dpmpp_2m"],
+                        help="host samplers to measure (each against KSampler img2img with the same sampler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -147,7 +180,7 @@ def main():
     bench = Bench(HostSession(comfy_path, Path(tempfile.mkdtemp())), args)
     full_steps = int(args.steps / args.denoise)
     layers = len(bench.rendering.find_cross_frame_attention(bench.patched).layers)
-    print(f"SD1.5-width random UNet ({layers} decoder attention layers), {args.size}x{args.size}, ddim/ddim_uniform, "
+    print(f"SD1.5-width random UNet ({layers} decoder attention layers), {args.size}x{args.size}, "
           f"{args.steps} steps at denoise "
           f"{args.denoise} (full schedule {full_steps}), cfg 7.5, {args.keyframes} frames, {args.threads} thread(s)")
 
@@ -161,32 +194,22 @@ def main():
                     (f"shape-aware fusion alone {late}", False, {"shape_period": late}),
                     ("pixel-aware fusion alone", False, {"pixel_period": (0.5, 0.8)}),
                     ("AdaIN alone", False, {"adain_period": (0.8, 1.0)})]
-    print(f"\nseconds per key frame, fastest of {args.repeats} (each against KSampler img2img runs interleaved with "
-          f"it: the machine is noisy)")
-    print(f"{'':38s} {'total':>8s} {'VAE':>7s} {'non-VAE':>9s} {'vs plain':>9s} enc/dec")
-    for number, (name, patched, periods) in enumerate(configs):
-        plains, results = [], []
-        for _ in range(args.repeats):
-            plains.append(bench.plain())
-            results.append(bench.keyframes(patched, **periods))
-        plain = min(plains, key=lambda r: r["total"] - r["vae"])
-        result = min(results, key=lambda r: r["total"] - r["vae"])
-        print(row("KSampler img2img", plain, plain))
-        print(row(name, result, plain), flush=True)
-        if number == 0:
-            for line in result["report"]:
-                print(f"    note: {line}")
-            ratio = (result["total"] - result["vae"]) / (plain["total"] - plain["vae"])
-            print(f"    outside the VAE: {ratio:.2f}x plain (target <= 2.2x); VAE {result['vae']:.1f} s for "
-                  f"{result['encodes']:.0f} encodes + {result['decodes']:.0f} decodes per key frame")
+    ratios = {}
+    for sampler_name in args.samplers:
+        bench.use_sampler(sampler_name)
+        ratios[sampler_name] = measure(bench, configs, args)
+    print("\nnon-VAE cost per key frame vs KSampler img2img (every constraint on): "
+          + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
+
 
     if args.cache_size:
         per_step, layers = bench.cache_per_step(args.cache_size)
         executed = round(20 * 0.75)
         print(f"\ncross-frame attention cache at {args.cache_size}x{args.cache_size} (SD1.5, fp32, {layers} layers, "
               f"cond + uncond): {per_step / MiB:.1f} MiB per step; the reference's grid (20 steps, denoise 0.75: "
-              f"{executed} executed) holds anchor {executed * per_step / MiB:.0f} MiB, at most 3 frames (anchor, "
-              f"previous, the frame being rendered) = {3 * executed * per_step / MiB:.0f} MiB; half in fp16")
+              f"{executed} executed) holds anchor {executed * per_step / MiB:.0f} MiB, at most 2 frames (anchor, "
+              f"previous key frame, overwritten as the next one reads it) = {2 * executed * per_step / MiB:.0f} MiB; "
+              f"half in fp16")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ class CrossFrameAttentionPatch:
         if block is None or not self.controller.running:
             return n, context_attn1, value_attn1
         layer = (block[0], block[1], extra_options.get("block_index", 0))
-        context, value = self.controller.kv_inputs(extra_options["sigmas"], layer, extra_options["cond_or_uncond"],
-                                                   context_attn1, value_attn1)
+        context, value = self.controller.kv_inputs(layer, extra_options["cond_or_uncond"], context_attn1,
+                                                   value_attn1)
         return n, context, value
 
 
@@ -100,8 +100,8 @@ class CrossFrameAttentionNode(io.ComfyNode):
                                tooltip="First step where it acts, as a fraction of the full schedule "
                                        "(0 = the noisiest step)."),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Last step where it acts, as a fraction of the full schedule; start = end "
-                                       "switches it off."),
+                               tooltip="Last step where it acts, as a fraction of the full schedule; start >= "
+                                       "end switches it off."),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone; feed it to the Key Frame Sampler.")],
         )

@@ -1,17 +1,18 @@
 """Host-bound orchestration of Rerender's key frame translation (reference §1.3-1.9b) on any host sampler.
 
 Per run: the anchor (the first selected key frame) is rendered once with plain attention while its attention
-inputs and x̂0 per step are cached; every later key frame, in order, gets
-  rough pass  - cross-frame attention, AdaIN and shape-aware x̂0 fusion (x̂0 edits: a post-CFG function),
+inputs and x̂0 per model evaluation are cached; every later key frame, in order, gets
+  rough pass  - cross-frame attention, AdaIN and shape-aware x̂0 fusion,
   pixel reference from the warped anchor / previous outputs, fidelity encode E*, then
   final pass  - the same plus the pre-UNet blend toward the noised reference in the pixel-fusion steps;
 the final pass also refreshes the "previous key frame" attention cache.
 
-The blend changes the sampler's state x, which no model hook can do for every sampler, so sampling is split at the
-blend steps (and after x̂0-edit steps, see X0Constraints): the host's own sampler function runs between the splits
-and the state is changed at each boundary. Steps before the first blend are identical in both passes (same seed,
-same constraints), so the final pass resumes from the rough pass's state there instead of recomputing them: the
-result is the reference's two-pass algorithm at about 1.6x the cost of one pass with its default periods.
+Each pass is ONE call of the host's sampler over the whole schedule (steered_sampling): the blend and the x̂0
+edits change the state the model is evaluated at from inside that call, so no step is skipped, multistep history
+is kept and every sampler takes an edit δ as the reference's DDIM does (state moved by exactly δ). Evaluations
+before the first blend are identical in both passes (same seed, same constraints), so the final pass replays the
+rough pass's model outputs there instead of calling the model: about 1.6x the cost of one pass with the default
+periods.
 """
 import dataclasses
 import logging
@@ -26,16 +27,19 @@ import torch
 from ..rerender import keyframe_constraints as constraints
 from ..rerender.adain import adain, channel_stats
 from ..rerender.cross_frame_attention import CrossFrameAttention, Mode
+from ..rerender.evaluation_plan import Evaluation, EvaluationPlan
 from ..rerender.fidelity import fidelity_encode
+from .control_hints import check_control_hints, conditioning_for_frame
 from .cross_frame_attention import find_cross_frame_attention
 from .fidelity_encode import check_vae_size
+from .steered_sampling import SteeringHooks, refusal, steered_sampler
 
 NODE_NAME = "Key Frame Sampler"
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyframeSettings:
-    """Every knob of a run; periods are (start, end) fractions of the full schedule (start == end: off)."""
+    """Every knob of a run; periods are (start, end) fractions of the full schedule (start >= end: off)."""
     seed: int = 0
     steps: int = 15
     cfg: float = 7.5
@@ -51,7 +55,6 @@ class KeyframeSettings:
     fidelity_strength: float = 1.0
     fidelity_threshold: float = 0.25
     color_preserve: bool = True
-    control_strength: float = 1.0
 
 
 @dataclasses.dataclass
@@ -72,6 +75,7 @@ class RenderStats:
     vae_decodes: int = 0
     vae_seconds: float = 0.0
     attention_cache_peak_bytes: int = 0
+    x0_misses: int = 0
     report: List[str] = dataclasses.field(default_factory=list)
 
 
@@ -103,90 +107,78 @@ class Schedule:
         return cls(full, ksampler.sigmas)
 
 
-class X0Constraints:
-    """Post-CFG edit of the model's x̂0 (reference update_x0): AdaIN to the anchor's statistics, then shape-aware
-    fusion with the warped anchor x̂0, at the steps of their periods. With `record`, stores the anchor's x̂0.
+class KeyframePass(SteeringHooks):
+    """What one pass does at each model evaluation (steered_sampling hooks).
 
-    The reference edits x̂0 but keeps the UNet's ε in its DDIM update; a host sampler only sees the edited x̂0 and
-    re-derives ε from it, which would shrink each edit by σ_next/σ (to ~20-25% per step at the reference's early
-    steps). `carry_into_state` restores the reference's update at the next step boundary: x += σ_now/σ_edit ·
-    a(σ_edit)·(x̂0' - x̂0) - exact for DDIM/Euler, the same "edited signal, UNet's own noise" for other samplers."""
+    before: tell cross-frame attention which evaluation runs; in a blend step, blend the state toward the noised
+    reference. after: at each step's own evaluation, record the anchor's x̂0 (`record`) or edit the key frame's:
+    AdaIN to the anchor's statistics, then shape-aware fusion with the warped anchor x̂0 (reference update_x0),
+    each against the anchor's evaluation with the same index and σ. Rough passes with a blend keep their model
+    outputs up to the first blend step; the final pass replays them there."""
 
-    def __init__(self, schedule: torch.Tensor, model_sampling, adain_steps, fusion_steps,
-                 anchor_x0: Dict[int, torch.Tensor], record: bool = False,
-                 fusion_field: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        self.schedule = schedule.detach().float().cpu()
-        self.model_sampling = model_sampling
-        self.adain_steps, self.fusion_steps = frozenset(adain_steps), frozenset(fusion_steps)
-        self.anchor_x0, self.record, self.fusion_field = anchor_x0, record, fusion_field
-        self.pending = None  # (x̂0' - x̂0, sigma) of the latest edit, not yet carried into the sampler's state
+    def __init__(self, renderer: "KeyframeRenderer", info: "StepInfo", anchor_x0: Dict[int, tuple],
+                 record: bool = False, fusion_field=None, blend: Optional[Callable] = None,
+                 replay: Optional[Dict[int, torch.Tensor]] = None, keep_for_replay: bool = False):
+        self.renderer, self.info, self.anchor_x0, self.record = renderer, info, anchor_x0, record
+        self.fusion_field, self.blend, self.replayed = fusion_field, blend, replay
+        self.kept: Optional[Dict[int, torch.Tensor]] = {} if keep_for_replay else None
+        self.replay_until, self.last_x0 = 0, None
+        self.adain_steps, self.fusion_steps = renderer.adain_steps, renderer.shape_steps
+        self.blend_steps = frozenset(renderer.blend_steps) if blend is not None else frozenset()
 
-    def __call__(self, args):
-        x0, sigma = args["denoised"], args["sigma"]
-        step = constraints.step_at_sigma(self.schedule, sigma)
+    def start(self, plan: EvaluationPlan) -> None:
+        super().start(plan)
+        blends = self.renderer.blend_steps
+        first = plan.first_evaluation_of_step(blends[0]) if blends else None
+        self.replay_until = len(plan) if first is None else first
+        self.renderer.note_plan(plan)
+
+    def before(self, evaluation: Evaluation, state: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.renderer.attention is not None:
+            self.renderer.attention.evaluation = evaluation
+        if evaluation.starts_step and evaluation.step in self.blend_steps:
+            return self.blend(state, torch.tensor(evaluation.key.sigma), self.last_x0)
+        return None
+
+    def replay(self, evaluation: Evaluation) -> Optional[torch.Tensor]:
+        if self.replayed is not None and evaluation.key.index < self.replay_until:
+            return self.replayed[evaluation.key.index]
+        return None
+
+    def records_previous(self, evaluation: Evaluation) -> bool:
+        """A rough pass followed by a final pass leaves the entries the final pass recomputes to the final pass."""
+        return self.kept is None or evaluation.key.index < self.replay_until
+
+    def after(self, evaluation: Evaluation, state: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        index = evaluation.key.index
+        if self.kept is not None and index < self.replay_until:
+            self.kept[index] = denoised
+        edited = denoised
+        if evaluation.starts_step:
+            edited = self._edit(evaluation, denoised)
+            if self.replayed is None or index >= self.replay_until:
+                self.renderer.step_done(self.info, evaluation.step, edited)
+        self.last_x0 = edited
+        return edited
+
+    def _edit(self, evaluation: Evaluation, x0: torch.Tensor) -> torch.Tensor:
+        step, key = evaluation.step, evaluation.key
+        if step not in self.adain_steps and step not in self.fusion_steps:
+            return x0
         if self.record:
-            if step in self.adain_steps or step in self.fusion_steps:
-                self.anchor_x0[step] = x0.detach().clone()
+            self.anchor_x0[key.index] = (key.sigma, x0.detach().clone())
             return x0
-        anchor = self.anchor_x0.get(step)
-        if anchor is None:
+        entry = self.anchor_x0.get(key.index)
+        if entry is None or abs(entry[0] - key.sigma) > 1e-4 * max(key.sigma, 1e-8):
+            self.renderer.stats.x0_misses += 1
             return x0
+        anchor = entry[1]
         edited = x0
         if step in self.adain_steps:
             edited = adain(edited, *channel_stats(anchor))
         if step in self.fusion_steps and self.fusion_field is not None:
             edited = constraints.fuse_x0(edited, anchor, *self.fusion_field)
-        self.pending = (edited - x0, sigma)
         return edited
-
-    def carry_into_state(self, x: torch.Tensor, sigma_now: torch.Tensor) -> torch.Tensor:
-        if self.pending is None:
-            return x
-        delta, sigma_edit = self.pending
-        self.pending = None
-        sigma_edit = sigma_edit.flatten()[0]
-        shift = self.model_sampling.noise_scaling(sigma_edit, torch.zeros_like(delta), delta)
-        return x + shift * (sigma_now / sigma_edit)
-
-
-class _DenoisedTracker:
-    """The sampler's model function, remembering the last x̂0 it returned (the blend's signal part)."""
-
-    def __init__(self, model):
-        self.model, self.denoised = model, None
-
-    def __call__(self, *args, **kwargs):
-        self.denoised = self.model(*args, **kwargs)
-        return self.denoised
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-def segmented_sampler(base: comfy.samplers.KSAMPLER, splits, on_boundary: Callable,
-                      index_offset: int = 0) -> comfy.samplers.KSAMPLER:
-    """`base` run piecewise: at each index in `splits` (into the sigmas the sampler gets) `on_boundary(index, x,
-    last_x0)` may replace the state before the host's sampler function continues from there. Segment k's noise seed
-    is offset by its start index (plus `index_offset`) so stochastic samplers never reuse a segment's noise, and the
-    same step gets the same seed in every pass."""
-    split_set = frozenset(splits)
-
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        tracked = _DenoisedTracker(model)
-        last = len(sigmas) - 1
-        edges = sorted({0, last, *(s for s in split_set if 0 <= s < last)})
-        for start, stop in zip(edges, edges[1:]):
-            if start in split_set:
-                x = on_boundary(start, x, tracked.denoised)
-            args = dict(extra_args or {})
-            if args.get("seed") is not None:
-                args["seed"] += index_offset + start
-            shifted = None if callback is None else (lambda d, s=start: callback({**d, "i": d["i"] + s}))
-            x = base.sampler_function(tracked, x, sigmas[start:stop + 1], extra_args=args, callback=shifted,
-                                      disable=disable, **options)
-        return x
-
-    return comfy.samplers.KSAMPLER(sample, base.extra_options, base.inpaint_options)
 
 
 class CountingVAE:
@@ -222,12 +214,10 @@ class KeyframeRenderer:
     """One run of the key frame sampler. Construction validates every input (errors before any sampling)."""
 
     def __init__(self, model, positive, negative, vae, frames: torch.Tensor, keyframes, flow,
-                 settings: KeyframeSettings, control_net=None, control_hints: Optional[torch.Tensor] = None,
-                 on_step: Optional[Callable[[StepInfo], None]] = None,
+                 settings: KeyframeSettings, on_step: Optional[Callable[[StepInfo], None]] = None,
                  on_key_frame: Optional[Callable[[int, int, int], None]] = None):
         self.model, self.positive, self.negative = model, positive, negative
         self.frames, self.keyframes, self.flow, self.settings = frames, keyframes, flow, settings
-        self.control_net, self.control_hints = control_net, control_hints
         self.on_step, self.on_key_frame = on_step, on_key_frame
         self.stats = RenderStats()
         self.vae = CountingVAE(vae, self.stats)
@@ -245,6 +235,8 @@ class KeyframeRenderer:
         self.device = model.load_device
         self._done = 0
         self.total_units = self._count_units()
+        self._plans: Dict[tuple, EvaluationPlan] = {}
+        self._plan_checked = False
 
     # ------------------------------------------------------------------------------------------------ validation
     def _validate(self, vae) -> None:
@@ -255,24 +247,10 @@ class KeyframeRenderer:
         if getattr(self.keyframes, "num_frames", None) != n:
             raise ValueError(f"{NODE_NAME}: `keyframes` were picked for {getattr(self.keyframes, 'num_frames', '?')} "
                              f"frames but `frames` has {n}; pick the key frames from the same clip.")
-        for name, period in (("shape-aware fusion", s.shape_period), ("pixel-aware fusion", s.pixel_period),
-                             ("AdaIN", s.adain_period)):
-            constraints.validate_period(f"{NODE_NAME}: {name} start/end", *period)
-        for name, value in (("mask_strength", s.mask_strength), ("inner_strength", s.inner_strength)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{NODE_NAME}: `{name}` must be in [0, 1], got {value}.")
-        if s.steps < 1 or not 0.0 < s.denoise <= 1.0:
-            raise ValueError(f"{NODE_NAME}: need steps >= 1 and 0 < denoise <= 1 (got {s.steps}, {s.denoise}).")
-        if s.sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-            raise ValueError(f"{NODE_NAME}: unknown sampler {s.sampler_name!r}.")
-        if s.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            raise ValueError(f"{NODE_NAME}: unknown scheduler {s.scheduler!r}.")
-        if (self.control_net is None) != (self.control_hints is None):
-            raise ValueError(f"{NODE_NAME}: connect both `control_net` and `control_hints` (one hint image per "
-                             f"frame), or neither.")
-        if self.control_hints is not None and self.control_hints.shape[0] != n:
-            raise ValueError(f"{NODE_NAME}: `control_hints` has {self.control_hints.shape[0]} images for {n} "
-                             f"frames; run the preprocessor on the same frames (one hint per frame).")
+        problem = validate_settings(s)
+        if problem:
+            raise ValueError(problem)
+        check_control_hints(self.positive, self.negative, n, NODE_NAME)
         flow_shape = None if self.flow is None else (self.flow.num_frames, self.flow.height, self.flow.width)
         if flow_shape is not None and flow_shape != (n, *frames.shape[1:3]):
             raise ValueError(f"{NODE_NAME}: `flow` covers {self.flow.num_frames} frames of "
@@ -289,21 +267,36 @@ class KeyframeRenderer:
         uses_flow = self.schedule.executed_steps(self.shape_steps) or self.blend_steps
         if self.flow is None and uses_flow and len(self.keyframes.indices) > 1:
             raise ValueError(f"{NODE_NAME}: shape-aware or pixel-aware fusion is on but no `flow` is connected; "
-                             f"connect the flow of these frames, or set those periods' start = end.")
+                             f"connect the flow of these frames, or set those periods' start >= end.")
 
     def _report_hidden_periods(self) -> None:
-        periods = {"shape-aware fusion": self.shape_steps, "pixel-aware fusion": self.pixel_steps,
-                   "AdaIN": self.adain_steps}
+        s, total = self.settings, self.schedule.total_steps
+        periods = {"shape-aware fusion": (s.shape_period[0], self.shape_steps),
+                   "pixel-aware fusion": (s.pixel_period[0], self.pixel_steps),
+                   "AdaIN": (s.adain_period[0], self.adain_steps)}
         if self.attention is not None:
-            periods["cross-frame attention"] = constraints.period_steps(self.attention.start, self.attention.end,
-                                                                        self.schedule.total_steps)
-        for name, steps in periods.items():
-            for line, inert in constraints.hidden_period_report({name: steps}, self.schedule.first_step,
-                                                                self.schedule.total_steps):
-                # the reference's shape-aware fusion is itself inert at its default denoise: a note, not a warning
-                level = logging.INFO if name == "shape-aware fusion" or not inert else logging.WARNING
-                logging.log(level, "%s: %s", NODE_NAME, line)
-                self.stats.report.append(line)
+            periods["cross-frame attention"] = (self.attention.start, constraints.period_steps(
+                self.attention.start, self.attention.end, total))
+        for line, inert in constraints.hidden_period_report(periods, self.schedule.first_step, total):
+            # the reference's shape-aware fusion is itself inert at its default denoise: a note, not a warning
+            if inert and not line.startswith("shape-aware fusion"):
+                logging.warning("%s: %s", NODE_NAME, line)
+            else:
+                logging.info("%s: %s", NODE_NAME, line)
+            self.stats.report.append(line)
+
+    def note_plan(self, plan: EvaluationPlan) -> None:
+        """Once per run: report constraint steps at which this sampler never evaluates the model at the step's own
+        state (none for the host's samplers with their usual schedules)."""
+        if self._plan_checked:
+            return
+        self._plan_checked = True
+        for name, steps in (("shape-aware fusion", self.shape_steps), ("pixel-aware fusion", self.pixel_steps),
+                            ("AdaIN", self.adain_steps)):
+            missing = plan.steps_without_start(self.schedule.executed_steps(steps))
+            if missing:
+                self.stats.report.append(f"{name}: {self.settings.sampler_name} makes no model evaluation at the "
+                                         f"state entering steps {missing}, so it cannot act there.")
 
     def _count_units(self) -> int:
         executed = len(self.schedule.executed) - 1
@@ -323,18 +316,20 @@ class KeyframeRenderer:
                 return self._render()
         finally:
             if self.attention is not None:
-                self.stats.attention_cache_peak_bytes = max(self.stats.attention_cache_peak_bytes,
-                                                            self.attention.nbytes())
+                self._note_cache_size()
                 if self.attention.misses:
                     self.stats.report.append(f"cross-frame attention fell back to plain attention in "
-                                             f"{self.attention.misses} calls at noise levels the anchor never "
-                                             f"visited (an adaptive sampler).")
+                                             f"{self.attention.misses} calls: the anchor has no evaluation at "
+                                             f"that σ.")
                 self.attention.end_run()
+            if self.stats.x0_misses:
+                self.stats.report.append(f"AdaIN / shape-aware fusion skipped {self.stats.x0_misses} evaluations: "
+                                         f"the anchor has no x̂0 at that σ.")
 
     def _render(self):
         indices = self.keyframes.indices
         colour_reference = None if self.settings.color_preserve else self._colour_reference(indices[0])
-        anchor_x0: Dict[int, torch.Tensor] = {}
+        anchor_x0: Dict[int, tuple] = {}
         self._announce(0, indices[0])
         anchor_latent = self._render_anchor(indices[0], colour_reference, anchor_x0)
         anchor_image = self.vae.decode(anchor_latent)
@@ -347,7 +342,6 @@ class KeyframeRenderer:
             image = self.vae.decode(latent)
             if self.attention is not None:
                 self._note_cache_size()
-                self.attention.commit_previous()
             images.append(image)
             latents.append(latent)
             previous_index, previous_image = index, image
@@ -361,16 +355,18 @@ class KeyframeRenderer:
     def _note_cache_size(self) -> None:
         self.stats.attention_cache_peak_bytes = max(self.stats.attention_cache_peak_bytes, self.attention.nbytes())
 
+    def step_done(self, info: "StepInfo", step: int, x0: torch.Tensor) -> None:
+        self._done += 1
+        if self.on_step is not None:
+            self.on_step(dataclasses.replace(info, step=step, x0=x0, done=self._done, total=self.total_units))
+
     # ----------------------------------------------------------------------------------------------------- frames
     def _conditioning(self, index: int):
-        """positive/negative with the ControlNet seeing this frame's own hint (the host's ControlNet apply)."""
-        if self.control_net is None:
-            return self.positive, self.negative
-        import nodes
-        hint = self.control_hints[index:index + 1]
-        return nodes.ControlNetApplyAdvanced().apply_controlnet(
-            self.positive, self.negative, self.control_net, hint, self.settings.control_strength, 0.0, 1.0,
-            vae=self.vae.vae)
+        """positive/negative with every upstream ControlNet seeing this frame's own hint."""
+        memo = {}
+        n = len(self.frames)
+        return (conditioning_for_frame(self.positive, index, n, memo),
+                conditioning_for_frame(self.negative, index, n, memo))
 
     def _encode_frame(self, index: int, colour_reference: Optional[torch.Tensor]) -> torch.Tensor:
         frame = self.frames[index:index + 1]
@@ -382,23 +378,19 @@ class KeyframeRenderer:
         """colour_preserve off (reference §1.8): the anchor rendered from pure noise sets the palette that every
         key frame's input is matched to."""
         empty = comfy.sample.fix_empty_latent_channels(self.model, torch.zeros(self.latent_shape))
-        sampler = comfy.samplers.sampler_object(self.settings.sampler_name)
-        latent = self._sample(self.model, empty, self._conditioning(anchor_index), sampler, self.schedule.full,
-                              StepInfo(0, anchor_index, "colour", 0, None, 0, 0), step_base=0)
+        hooks = KeyframePass(self, StepInfo(0, anchor_index, "colour", 0, None, 0, 0), {})
+        hooks.adain_steps = hooks.fusion_steps = frozenset()
+        latent = self._sample(self.model, empty, self._conditioning(anchor_index), hooks, self.schedule.full,
+                              first_step=0)
         return self.vae.decode(latent)
 
     def _render_anchor(self, index: int, colour_reference, anchor_x0) -> torch.Tensor:
         latent = self._encode_frame(index, colour_reference)
-        model = self.model
-        records = len(self.keyframes.indices) > 1 and self.schedule.executed_steps(self.shape_steps | self.adain_steps)
-        if records:
-            model = self._with_x0_constraints(X0Constraints(self.schedule.full, self.model_sampling, self.adain_steps,
-                                                            self.shape_steps, anchor_x0, record=True))
+        record = len(self.keyframes.indices) > 1
+        hooks = KeyframePass(self, StepInfo(0, index, "anchor", 0, None, 0, 0), anchor_x0, record=record)
         if self.attention is not None:
             self.attention.mode = Mode.ANCHOR
-        sampler = comfy.samplers.sampler_object(self.settings.sampler_name)
-        out = self._sample(model, latent, self._conditioning(index), sampler, self.schedule.executed,
-                           StepInfo(0, index, "anchor", 0, None, 0, 0))
+        out = self._sample(self.model, latent, self._conditioning(index), hooks, self.schedule.executed)
         if self.attention is not None:
             self.attention.commit_anchor()
             self._note_cache_size()
@@ -406,9 +398,8 @@ class KeyframeRenderer:
 
     def _render_key_frame(self, number, index, previous_index, anchor_image, previous_image, colour_reference,
                           anchor_x0) -> torch.Tensor:
-        """Rough pass, then (with pixel-aware fusion) the final pass resumed from the rough pass's state at the
-        first blend step. Sampling is split after every x̂0-edit step (to carry the edit into x) and at every blend
-        step; without edits or blends it is the host's sampler run as is."""
+        """Rough pass, then (with pixel-aware fusion) the final pass, which replays the rough pass's model outputs
+        up to the first blend step."""
         latent = self._encode_frame(index, colour_reference)
         conditioning = self._conditioning(index)
         fusion_field = None
@@ -416,59 +407,24 @@ class KeyframeRenderer:
             flow, occlusion = self.flow.pair(self.keyframes.indices[0], index)
             fusion_field = tuple(t.to(self.device) for t in
                                  constraints.latent_warp_field(flow, occlusion, tuple(latent.shape[-2:])))
-        first, executed = self.schedule.first_step, self.schedule.executed
-        edit_steps = self.schedule.executed_steps(self.shape_steps | self.adain_steps)
-        carry_at = {step + 1 - first for step in edit_steps if step + 1 < self.schedule.total_steps}
-
-        def edited_model():
-            if not edit_steps:
-                return None, self.model
-            edit = X0Constraints(self.schedule.full, self.model_sampling, self.adain_steps, self.shape_steps,
-                                 anchor_x0, fusion_field=fusion_field)
-            return edit, self._with_x0_constraints(edit)
-
-        if self.attention is not None:
-            self.attention.mode = Mode.KEY_FRAME  # the final pass overwrites what differs from the rough pass
-        base = comfy.samplers.sampler_object(self.settings.sampler_name)
         info = StepInfo(number, index, "single" if not self.blend_steps else "rough", 0, None, 0, 0)
-        resume_at = self.blend_steps[0] - first if self.blend_steps else None
-        snapshot = {}
-        edit, model = edited_model()
-        boundaries = carry_at | ({resume_at} if self.blend_steps else set())
-        sampler = base if not boundaries else segmented_sampler(
-            base, boundaries, self._boundary(edit, executed, snapshot_at=resume_at, snapshot=snapshot))
-        rough = self._sample(model, latent, conditioning, sampler, executed, info)
+        rough_pass = KeyframePass(self, info, anchor_x0, fusion_field=fusion_field,
+                                  keep_for_replay=bool(self.blend_steps))
+        if self.attention is not None:
+            self.attention.mode = Mode.KEY_FRAME
+            self.attention.records_previous = rough_pass.records_previous
+        rough = self._sample(self.model, latent, conditioning, rough_pass, self.schedule.executed)
         if not self.blend_steps:
             return rough
 
         target, mask = self._blend_target(index, previous_index, anchor_image, previous_image, rough,
                                           tuple(latent.shape[-2:]))
-        tail = executed[resume_at:]
-        blend_at = {step - first - resume_at for step in self.blend_steps}
-        edit, model = edited_model()
-        sampler = segmented_sampler(base, blend_at | {c - resume_at for c in carry_at if c > resume_at},
-                                    self._boundary(edit, tail, resume=snapshot, blend_at=blend_at,
-                                                   blend=self._blend_function(target, mask, latent)),
-                                    index_offset=resume_at)
-        return self._sample(model, latent, conditioning, sampler, tail, dataclasses.replace(info, pass_name="final"),
-                            step_base=first + resume_at)
-
-    @staticmethod
-    def _boundary(edit: Optional[X0Constraints], sigmas, snapshot_at=None, snapshot=None, resume=None,
-                  blend_at=frozenset(), blend=None) -> Callable:
-        """What happens where sampling is split: resume from a snapshot (index 0 of the final pass) or carry the
-        last x̂0 edit into x; keep a snapshot; blend toward the reference."""
-        def on_boundary(index, x, last_x0):
-            if resume is not None and index == 0:
-                x, last_x0 = resume["x"], resume["x0"]
-            elif edit is not None:
-                x = edit.carry_into_state(x, sigmas[index])
-            if index == snapshot_at:
-                snapshot.update(x=x.clone(), x0=None if last_x0 is None else last_x0.clone())
-            if index in blend_at:
-                x = blend(x, sigmas[index], last_x0)
-            return x
-        return on_boundary
+        final_pass = KeyframePass(self, dataclasses.replace(info, pass_name="final"), anchor_x0,
+                                  fusion_field=fusion_field, blend=self._blend_function(target, mask, latent),
+                                  replay=rough_pass.kept)
+        if self.attention is not None:
+            self.attention.records_previous = final_pass.records_previous
+        return self._sample(self.model, latent, conditioning, final_pass, self.schedule.executed)
 
     # ------------------------------------------------------------------------------------ pixel-aware fusion (§1.6)
     def _blend_target(self, index, previous_index, anchor_image, previous_image, rough_latent, latent_size):
@@ -490,15 +446,16 @@ class KeyframeRenderer:
 
     def _blend_function(self, target, mask, latent) -> Callable:
         """x <- w·(a·x_trg + σ·noise) + (1-w)·a·x̂0 + r·(x - a·x̂0) before a blend step's model call; x̂0 is the last
-        prediction (the frame's own latent before the first call); fresh noise from a seeded generator, as the
-        reference's q_sample."""
+        (edited) prediction, the frame's own latent before the first call; fresh noise from a seeded generator, as
+        the reference's q_sample."""
         s = self.settings
         weight, noise_keep = constraints.blend_weights(mask, s.mask_strength, s.inner_strength, s.smooth_boundary)
         generator = torch.Generator(device="cpu").manual_seed(s.seed + 1)
         first_signal = self.model.model.process_latent_in(latent.to(self.device))
 
         def blend(x, sigma, last_x0):
-            signal_x0 = first_signal if last_x0 is None else last_x0
+            sigma = sigma.to(x.device, x.dtype)
+            signal_x0 = first_signal.to(x) if last_x0 is None else last_x0
             signal = self.model_sampling.noise_scaling(sigma, torch.zeros_like(x), signal_x0)
             fresh = torch.randn(x.shape, generator=generator).to(x)
             noised_reference = self.model_sampling.noise_scaling(sigma, fresh, target.to(x))
@@ -507,22 +464,39 @@ class KeyframeRenderer:
         return blend
 
     # ---------------------------------------------------------------------------------------------------- sampling
-    def _with_x0_constraints(self, edit: X0Constraints):
-        patched = self.model.clone()
-        patched.set_model_sampler_post_cfg_function(edit)
-        return patched
-
-    def _sample(self, model, latent, conditioning, sampler, sigmas, info: StepInfo, step_base=None):
-        """One host sampling run of a single frame, seeded as the reference does (same noise for every frame)."""
+    def _sample(self, model, latent, conditioning, hooks: KeyframePass, sigmas, first_step=None):
+        """One host sampling run of a single frame over `sigmas`, seeded as the reference does (same noise for
+        every frame), with `hooks` at every model evaluation."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        base = self.schedule.first_step if step_base is None else step_base
+        first = self.schedule.first_step if first_step is None else first_step
+        schedule = self.schedule.full
+        sampler = steered_sampler(self.settings.sampler_name, hooks, schedule, first, plans=self._plans)
         noise = comfy.sample.prepare_noise(latent, self.settings.seed)
-
-        def callback(i, x0, x, total):
-            self._done += 1
-            if self.on_step is not None:
-                self.on_step(dataclasses.replace(info, step=base + i, x0=x0, done=self._done, total=self.total_units))
-
         positive, negative = conditioning
-        return comfy.sample.sample_custom(model, noise, self.settings.cfg, sampler, sigmas, positive, negative, latent,
-                                          callback=callback, disable_pbar=True, seed=self.settings.seed)
+        try:
+            return comfy.sample.sample_custom(model, noise, self.settings.cfg, sampler, sigmas.clone(), positive,
+                                              negative, latent, disable_pbar=True, seed=self.settings.seed)
+        finally:
+            if self.attention is not None:
+                self.attention.evaluation = None
+
+
+def validate_settings(s: KeyframeSettings) -> Optional[str]:
+    """What is wrong with the widget values alone (the node refuses them at queue time), else None."""
+    for name, period in (("shape-aware fusion", s.shape_period), ("pixel-aware fusion", s.pixel_period),
+                         ("AdaIN", s.adain_period)):
+        try:
+            constraints.validate_period(f"{NODE_NAME}: {name} start/end", *period)
+        except ValueError as error:
+            return str(error)
+    for name, value in (("mask_strength", s.mask_strength), ("inner_strength", s.inner_strength)):
+        if not 0.0 <= value <= 1.0:
+            return f"{NODE_NAME}: `{name}` must be in [0, 1], got {value}."
+    if s.steps < 1 or not 0.0 < s.denoise <= 1.0:
+        return f"{NODE_NAME}: need steps >= 1 and 0 < denoise <= 1 (got {s.steps}, {s.denoise})."
+    problem = refusal(s.sampler_name, NODE_NAME)
+    if problem:
+        return problem
+    if s.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        return f"{NODE_NAME}: unknown scheduler {s.scheduler!r}."
+    return None

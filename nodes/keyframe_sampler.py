@@ -1,4 +1,5 @@
 """Structure-guided key frame sampler node: Rerender's key frame translation with any host sampler."""
+import dataclasses
 import logging
 
 import comfy.samplers
@@ -8,7 +9,7 @@ import server
 from comfy_api.latest import io, ui
 
 from .cross_frame_attention import missing_attention_note
-from .keyframe_rendering import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo
+from .keyframe_rendering import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo, validate_settings
 from .types import KeyFrames, VideoFlow
 
 CATEGORY = "Rerender"
@@ -24,7 +25,7 @@ def _period_inputs(prefix: str, label: str, period, note: str):
     return [_fraction(f"{prefix}_start", period[0], f"{label}: first step, as a fraction of the full schedule. "
                                                     f"{note}"),
             _fraction(f"{prefix}_end", period[1], f"{label}: last step, as a fraction of the full schedule; "
-                                                  f"start = end switches it off.")]
+                                                  f"start >= end switches it off (the reference's (1, 0)).")]
 
 
 def send_key_frame_progress(node_id, number: int, index: int, total: int) -> None:
@@ -51,15 +52,18 @@ class KeyframeSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model; patch it with Cross-Frame Attention for the "
                                                 "attention constraint."),
-                io.Conditioning.Input("positive", tooltip="Positive prompt conditioning (no ControlNet applied; "
-                                                          "use control_net/control_hints for per-frame control)."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt conditioning."),
+                io.Conditioning.Input("positive", tooltip="Positive prompt conditioning. ControlNets applied upstream "
+                                                          "(Apply ControlNet (Advanced), chained as often as "
+                                                          "wanted) on one hint per clip frame give each key frame "
+                                                          "its own hint; a single hint applies to all frames."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt conditioning (the same ControlNets)."),
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the frames, decodes the results (any "
                                             "channel count and scale)."),
                 io.Image.Input("frames", tooltip="The whole clip [N,H,W,3]; sides multiples of the VAE's scale."),
                 KeyFrames.Input("keyframes", tooltip="Which frames to render (from the Key Frame Picker); the "
                                                      "first is the anchor and is part of the output."),
-                io.Int.Input("seed", default=d.seed, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                io.Int.Input("seed", default=d.seed, min=0, max=0xffffffffffffffff,
+                             control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Noise seed; every key frame starts from the same noise, as the reference."),
                 io.Int.Input("steps", default=d.steps, min=1, max=10000,
                              tooltip="Steps actually run (as KSampler). The full schedule has steps/denoise steps: "
@@ -67,7 +71,8 @@ class KeyframeSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=d.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (the reference uses 7.5)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=d.sampler_name,
-                               tooltip="Any host sampler (the reference uses DDIM)."),
+                               tooltip="Any host sampler but dpm_fast and dpm_adaptive, which pick their own "
+                                       "evaluation points (refused at queue time). The reference uses DDIM."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=d.scheduler,
                                tooltip="Any host scheduler (ddim_uniform reproduces the reference's timesteps)."),
                 io.Float.Input("denoise", default=d.denoise, min=0.01, max=1.0, step=0.01,
@@ -95,12 +100,6 @@ class KeyframeSampler(io.ComfyNode):
                 io.Boolean.Input("color_preserve", default=d.color_preserve,
                                  tooltip="Keep the input's colours. Off: render the anchor from pure noise first "
                                          "and match every key frame's colours to it (LAB histograms)."),
-                io.ControlNet.Input("control_net", optional=True,
-                                    tooltip="Optional ControlNet; each key frame gets its own hint image."),
-                io.Image.Input("control_hints", optional=True,
-                               tooltip="One hint image per frame of `frames` (from any preprocessor)."),
-                io.Float.Input("control_strength", default=d.control_strength, min=0.0, max=10.0, step=0.01,
-                               optional=True, tooltip="ControlNet strength."),
                 VideoFlow.Input("flow", optional=True,
                                 tooltip="Flow of these frames (Rerender Flow); needed by the fusion constraints."),
             ],
@@ -112,17 +111,30 @@ class KeyframeSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **inputs):
+        """Queue-time refusal of what the widget values alone rule out (a refused sampler, a bad period)."""
+        names = ("shape_fusion", "pixel_fusion", "adain")
+        if any(f"{n}_{e}" not in inputs for n in names for e in ("start", "end")) or any(
+                k not in inputs for k in ("seed", "steps", "denoise", "sampler_name", "scheduler")):
+            return True  # linked widgets: checked again when the node runs
+        fields = {f.name for f in dataclasses.fields(KeyframeSettings)}
+        values = {k: v for k, v in inputs.items() if k in fields}
+        for n, field in zip(names, ("shape_period", "pixel_period", "adain_period")):
+            values[field] = (inputs[f"{n}_start"], inputs[f"{n}_end"])
+        problem = validate_settings(dataclasses.replace(DEFAULTS, **values))
+        return True if problem is None else problem
+
+    @classmethod
     def execute(cls, model, positive, negative, vae, frames, keyframes, seed, steps, cfg, sampler_name, scheduler,
                 denoise, shape_fusion_start, shape_fusion_end, pixel_fusion_start, pixel_fusion_end, adain_start,
                 adain_end, mask_strength, inner_strength, smooth_boundary, fidelity_strength, fidelity_threshold,
-                color_preserve, control_net=None, control_hints=None, control_strength=DEFAULTS.control_strength,
-                flow=None) -> io.NodeOutput:
+                color_preserve, flow=None) -> io.NodeOutput:
         settings = KeyframeSettings(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             shape_period=(shape_fusion_start, shape_fusion_end), pixel_period=(pixel_fusion_start, pixel_fusion_end),
             adain_period=(adain_start, adain_end), mask_strength=mask_strength, inner_strength=inner_strength,
             smooth_boundary=smooth_boundary, fidelity_strength=fidelity_strength,
-            fidelity_threshold=fidelity_threshold, color_preserve=color_preserve, control_strength=control_strength)
+            fidelity_threshold=fidelity_threshold, color_preserve=color_preserve)
         node_id = cls.hidden.unique_id
         previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
         progress = comfy.utils.ProgressBar(1, node_id=node_id)
@@ -132,8 +144,7 @@ class KeyframeSampler(io.ComfyNode):
             progress.update_absolute(info.done, info.total, preview)
 
         renderer = KeyframeRenderer(
-            model, positive, negative, vae, frames, keyframes, flow, settings, control_net=control_net,
-            control_hints=control_hints, on_step=on_step,
+            model, positive, negative, vae, frames, keyframes, flow, settings, on_step=on_step,
             on_key_frame=lambda number, index, total: send_key_frame_progress(node_id, number, index, total))
         images, latents, stats = renderer.run()
         summary = (f"{len(keyframes.indices)} key frames; VAE {stats.vae_encodes} encodes + {stats.vae_decodes} "

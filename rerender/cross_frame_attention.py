@@ -6,19 +6,24 @@ v_prev], V' = W_V[v_anchor; v_prev]. What is cached is the input of the K/V proj
 as the reference does, so the substitution happens before any projection or attention kernel runs: whatever
 attention backend or attention replacement is installed computes the attention on the substituted inputs.
 
-Caches are keyed by (step of the full schedule, layer = (block name, block number, transformer index), branch =
-cond 0 / uncond 1), never by call order: cond/uncond batching, a dropped uncond (cfg 1) or a split batch cannot
-misalign them (the reference's running counter breaks on all three).
+Caches are keyed per model evaluation: (evaluation index in the pass, layer = (block name, block number,
+transformer index), branch = cond 0 / uncond 1), and each entry keeps the σ it was made at; a key frame's evaluation
+meets the anchor's evaluation with the same index only when their σ agree, else it attends plainly and the miss is
+counted (reported by the sampler). cond/uncond batching, a dropped uncond (cfg 1) or a split batch cannot misalign
+them (the reference's running counter breaks on all three). Two frames' worth are held: the anchor and the
+previous key frame, whose entries a key frame overwrites as it reads them.
 """
 import enum
 from typing import Collection, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .keyframe_constraints import period_steps, step_at_sigma
+from .evaluation_plan import Evaluation
+from .keyframe_constraints import period_steps
 
 LayerKey = Tuple[str, int, int]
 CacheKey = Tuple[int, LayerKey, int]
+Entry = Tuple[torch.Tensor, Optional[torch.Tensor], float]
 
 
 class Mode(enum.Enum):
@@ -28,23 +33,27 @@ class Mode(enum.Enum):
 
 
 class AttentionInputCache:
-    """K/V inputs of self-attention per (step, layer, branch), stored at a fixed dtype on their own device."""
+    """K/V inputs of self-attention per (evaluation, layer, branch) with the evaluation's σ, at a fixed dtype."""
 
     def __init__(self, dtype: Optional[torch.dtype] = None):
         self.dtype = dtype
-        self._entries: Dict[CacheKey, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._entries: Dict[CacheKey, Entry] = {}
 
-    def put(self, key: CacheKey, context: torch.Tensor, value: Optional[torch.Tensor]) -> None:
+    def put(self, key: CacheKey, context: torch.Tensor, value: Optional[torch.Tensor], sigma: float) -> None:
         """`value` None means the values are projected from `context` too (plain self-attention)."""
         dtype = self.dtype or context.dtype
         self._entries[key] = (context.detach().to(dtype=dtype, copy=True),
-                              None if value is None else value.detach().to(dtype=dtype, copy=True))
+                              None if value is None else value.detach().to(dtype=dtype, copy=True), sigma)
 
-    def get(self, key: CacheKey) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        return self._entries.get(key)
+    def get(self, key: CacheKey, sigma: float) -> Optional[Entry]:
+        """The entry for `key` if it was made at `sigma` (never a neighbouring noise level)."""
+        entry = self._entries.get(key)
+        if entry is None or abs(entry[2] - sigma) > 1e-4 * max(abs(sigma), 1e-8):
+            return None
+        return entry
 
     def tensors(self):
-        for context, value in self._entries.values():
+        for context, value, _ in self._entries.values():
             yield context
             if value is not None:
                 yield value
@@ -78,10 +87,11 @@ def cross_frame_inputs(current: torch.Tensor, anchor: torch.Tensor, previous: to
 class CrossFrameAttention:
     """What the decoder self-attention does during a key frame rendering run, and the caches it needs.
 
-    The key frame sampler drives it: `start_run(schedule)` once per run, then `mode` per pass (the anchor pass
-    records; key frame passes substitute and record the frame's own inputs, a later pass overwriting an earlier
-    one), `commit_anchor` after the anchor, `commit_previous` after each key frame, and `end_run()` in a `finally`
-    (it frees every cache). Outside a run it is inert."""
+    The key frame sampler drives it: `start_run(schedule)` once per run, `mode` per pass, `evaluation` before each
+    model evaluation (None: inert), `commit_anchor` after the anchor, and `end_run()` in a `finally` (it frees
+    every cache). The anchor pass records; a key frame pass substitutes [anchor; previous] and, where
+    `records_previous(evaluation)`, replaces the previous key frame's entry by its own (the entry was just read and
+    is not needed again). Outside a run it is inert."""
 
     def __init__(self, layers: Collection[LayerKey], start: float, end: float, dtype: Optional[torch.dtype] = None):
         if not layers:
@@ -92,11 +102,11 @@ class CrossFrameAttention:
         self.mode = Mode.OFF
         self.schedule: Optional[torch.Tensor] = None
         self.active_steps = frozenset()
-        self._last_sigma, self._last_step = None, 0
+        self.evaluation: Optional[Evaluation] = None
+        self.records_previous = lambda evaluation: True
         self.misses = 0
         self.anchor = AttentionInputCache(dtype)
         self.previous = AttentionInputCache(dtype)
-        self.pending = AttentionInputCache(dtype)
 
     # ----------------------------------------------------------------------------------------------- run control
     def start_run(self, schedule: torch.Tensor) -> None:
@@ -109,18 +119,14 @@ class CrossFrameAttention:
         """After the anchor pass: the anchor is also the first "previous key frame" (tensors shared, not copied)."""
         self.previous = self.anchor.shallow_copy()
 
-    def commit_previous(self) -> None:
-        """The key frame just rendered becomes the "previous key frame" of the next one."""
-        self.previous, self.pending = self.pending, AttentionInputCache(self.dtype)
-
     def end_run(self) -> None:
         """Back to plain attention; free every cache."""
         self.mode = Mode.OFF
         self.schedule = None
         self.active_steps = frozenset()
-        self._last_sigma = None
+        self.evaluation = None
         self.misses = 0
-        for cache in (self.anchor, self.previous, self.pending):
+        for cache in (self.anchor, self.previous):
             cache.clear()
 
     @property
@@ -130,49 +136,45 @@ class CrossFrameAttention:
     def nbytes(self) -> int:
         """Bytes held by the caches (tensors shared between the anchor and "previous" caches counted once)."""
         seen = {}
-        for cache in (self.anchor, self.previous, self.pending):
+        for cache in (self.anchor, self.previous):
             for tensor in cache.tensors():
                 seen[(tensor.data_ptr(), tensor.device)] = tensor.numel() * tensor.element_size()
         return sum(seen.values())
 
     def cached_entries(self) -> int:
-        return len(self.anchor) + len(self.previous) + len(self.pending)
+        return len(self.anchor) + len(self.previous)
 
     # --------------------------------------------------------------------------------------------- the attention
-    def step_of(self, sigma) -> int:
-        """Step of the full schedule for the sigma of the current model call (memoised per sigma tensor: every
-        layer of one call gets the same tensor, so the host-to-device sync happens once per call)."""
-        if sigma is not self._last_sigma:
-            self._last_sigma, self._last_step = sigma, step_at_sigma(self.schedule, sigma)
-        return self._last_step
-
-    def kv_inputs(self, sigma, layer: LayerKey, branches: Sequence[int], context: torch.Tensor,
+    def kv_inputs(self, layer: LayerKey, branches: Sequence[int], context: torch.Tensor,
                   value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The K and V inputs of one self-attention call. `context`/`value` hold len(branches) chunks of frames
-        along the batch (cond 0 / uncond 1 per chunk, in the host's order); returned unchanged when inactive."""
-        if self.mode is Mode.OFF or not self.running or layer not in self.layers:
+        """The K and V inputs of one self-attention call of the current `evaluation`. `context`/`value` hold
+        len(branches) chunks of frames along the batch (cond 0 / uncond 1 per chunk, in the host's order);
+        returned unchanged when inactive."""
+        evaluation = self.evaluation
+        if self.mode is Mode.OFF or not self.running or evaluation is None or layer not in self.layers:
             return context, value
-        step = self.step_of(sigma)
-        if step not in self.active_steps:
+        if evaluation.step not in self.active_steps:
             return context, value
+        index, sigma = evaluation.key.index, evaluation.key.sigma
         own_values = value is not context
         contexts = context.chunk(len(branches))
         values = value.chunk(len(branches)) if own_values else (None,) * len(branches)
 
         if self.mode is Mode.ANCHOR:
             for branch, chunk_context, chunk_value in zip(branches, contexts, values):
-                self.anchor.put((step, layer, branch), chunk_context, chunk_value)
+                self.anchor.put((index, layer, branch), chunk_context, chunk_value, sigma)
             return context, value
 
         new_contexts, new_values = [], []
-        for branch, chunk_context, chunk_value in zip(branches, contexts, values):
-            key = (step, layer, branch)
-            anchor, previous = self.anchor.get(key), self.previous.get(key)
-            if anchor is None or previous is None:
-                # Only an adaptive sampler can visit a noise level the anchor never did: attend plainly there.
-                self.misses += 1
-                return context, value
-            self.pending.put(key, chunk_context, chunk_value)
+        lookups = [(self.anchor.get((index, layer, b), sigma), self.previous.get((index, layer, b), sigma))
+                   for b in branches]
+        if any(anchor is None or previous is None for anchor, previous in lookups):
+            self.misses += 1  # no anchor evaluation at this σ: attend plainly here, and the sampler reports it
+            return context, value
+        record = self.records_previous(evaluation)
+        for branch, chunk_context, chunk_value, (anchor, previous) in zip(branches, contexts, values, lookups):
+            if record:
+                self.previous.put((index, layer, branch), chunk_context, chunk_value, sigma)
             new_contexts.append(cross_frame_inputs(chunk_context, anchor[0], previous[0]))
             new_values.append(cross_frame_inputs(chunk_context if chunk_value is None else chunk_value,
                                                  _values(anchor), _values(previous)))
@@ -181,5 +183,5 @@ class CrossFrameAttention:
         return new_context, (torch.cat(new_values) if separate_values else new_context)
 
 
-def _values(entry: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+def _values(entry: Entry) -> torch.Tensor:
     return entry[0] if entry[1] is None else entry[1]

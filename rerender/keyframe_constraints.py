@@ -27,13 +27,11 @@ FLAT_TOLERANCE = 1e-6
 # ---------------------------------------------------------------------------------------------------- step periods
 
 def validate_period(name: str, start: float, end: float) -> None:
-    """A period is two fractions of the schedule with 0 <= start <= end <= 1 (start == end switches it off)."""
+    """A period is two fractions of the schedule in [0, 1]; start >= end switches it off (the reference webUI's
+    (1, 0))."""
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
         raise ValueError(f"{name}: the period ({start}, {end}) must lie in [0, 1] (fractions of the schedule); "
-                         f"use start = end to switch it off.")
-    if start > end:
-        raise ValueError(f"{name}: the period starts at {start} after it ends at {end}; swap them "
-                         f"(start = end switches the constraint off).")
+                         f"use start >= end to switch it off.")
 
 
 def period_steps(start: float, end: float, total_steps: int, exclusive: bool = False) -> frozenset:
@@ -41,7 +39,7 @@ def period_steps(start: float, end: float, total_steps: int, exclusive: bool = F
 
     The reference's rules: T·start <= i <= T·end, or with `exclusive` (pixel-aware fusion) T·start < i < T·end.
     With T = 20: (0, 0.1) -> {0, 1, 2}; (0.5, 0.8) exclusive -> {11..15}; (0.8, 1) -> {16..19}.
-    start == end is off (the reference switches constraints off with an empty period)."""
+    start >= end is off (the reference webUI switches constraints off with (1, 0))."""
     if start >= end:
         return frozenset()
     lo, hi = total_steps * start, total_steps * end
@@ -50,28 +48,22 @@ def period_steps(start: float, end: float, total_steps: int, exclusive: bool = F
     return frozenset(i for i in range(total_steps) if lo - PERIOD_TOLERANCE <= i <= hi + PERIOD_TOLERANCE)
 
 
-def step_at_sigma(schedule: torch.Tensor, sigma) -> int:
-    """Index of the step of the full schedule (descending sigmas, T+1 values) whose interval [σ_{i+1}, σ_i] holds
-    `sigma`; an exact σ_i maps to i. Multi-evaluation samplers (Heun, DPM-2, ...) thereby key their extra
-    evaluations by noise level, never by call order."""
-    value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-    starts = schedule[:-1].float().cpu()
-    index = int((starts >= value * (1.0 - 1e-5)).sum()) - 1
-    return min(max(index, 0), len(starts) - 1)
-
-
-def hidden_period_report(periods: Dict[str, Iterable[int]], first_step: int,
+def hidden_period_report(periods: Dict[str, Tuple[float, Iterable[int]]], first_step: int,
                          total_steps: int) -> List[Tuple[str, bool]]:
-    """(message, inert) per constraint whose active steps fall (partly) before the SDEdit start `first_step`: those
-    steps never run, so the constraint is weaker, or inert when all of them do. The reference drops them silently
-    (§1.3)."""
+    """(message, inert) per constraint that the SDEdit start `first_step` really hides: all its steps come before
+    it (inert), or its period was set to start later than step 0 and starts before it (weakened). `periods` maps a
+    name to (period start fraction, active steps). A period starting at 0 that runs on past the start (cross-frame
+    attention's default (0, 1)) simply acts at every executed step and is not reported. The reference drops
+    hidden steps silently (§1.3)."""
     lines = []
-    for name, steps in periods.items():
+    for name, (start, steps) in periods.items():
         steps = sorted(steps)
         hidden = [i for i in steps if i < first_step]
         if not hidden:
             continue
         inert = len(hidden) == len(steps)
+        if not inert and start <= 0.0:
+            continue
         what = "has no effect" if inert else f"runs only at steps {steps[len(hidden)]}..{steps[-1]}"
         lines.append((f"{name}: steps {hidden[0]}..{hidden[-1]} of the {total_steps}-step schedule come before the "
                       f"denoise start (step {first_step}), so it {what}"

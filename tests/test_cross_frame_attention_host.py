@@ -73,8 +73,11 @@ def test_patcher_rejects_bad_input(host):
     import comfy.model_patcher
     import comfy.supported_models
     model = tiny_sd15(0)
-    with pytest.raises(ValueError, match="swap"):
-        patch(host, model, start=0.8, end=0.2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        patch(host, model, start=-0.2, end=0.5)
+    reversed_period = controller_of(host, patch(host, model, start=1.0, end=0.0))   # the webUI's "off"
+    reversed_period.start_run(torch.linspace(10, 0, 5))
+    assert reversed_period.active_steps == frozenset()
     with pytest.raises(ValueError, match="already"):
         patch(host, patch(host, model))
     no_attention = dict(TINY_SD15_UNET, transformer_depth=[0] * 8, transformer_depth_output=[0] * 12,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from rerender import keyframe_constraints as kc
 from rerender.cross_frame_attention import CrossFrameAttention, Mode, cross_frame_inputs
+from rerender.evaluation_plan import Evaluation, EvaluationKey, EvaluationPlan
 
 SCHEDULE = torch.linspace(14.6, 0.03, 20).tolist() + [0.0]
 
@@ -19,29 +20,46 @@ def test_periods_reproduce_the_reference_steps_at_20():
     assert kc.period_steps(1.0, 1.0, 20) == frozenset() and kc.period_steps(0.3, 0.3, 20) == frozenset()
 
 
-@pytest.mark.parametrize("start, end, message", [(-0.1, 0.5, r"\[0, 1\]"), (0.2, 1.5, r"\[0, 1\]"),
-                                                 (0.8, 0.5, "swap")])
-def test_bad_periods_are_rejected(start, end, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("start, end", [(-0.1, 0.5), (0.2, 1.5)])
+def test_bad_periods_are_rejected(start, end):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         kc.validate_period("AdaIN", start, end)
 
 
-def test_hidden_periods_are_reported_not_dropped():
-    lines = kc.hidden_period_report({"shape": kc.period_steps(0, 0.1, 20),
-                                     "pixel": kc.period_steps(0.5, 0.8, 20, exclusive=True),
-                                     "adain": kc.period_steps(0.2, 0.4, 20)}, first_step=5, total_steps=20)
-    assert [inert for _, inert in lines] == [True, False]
+def test_start_at_or_after_end_switches_a_constraint_off():
+    """The reference webUI's (1, 0) and any start >= end: off, no error."""
+    for start, end in ((1.0, 0.0), (0.8, 0.5), (0.3, 0.3)):
+        kc.validate_period("AdaIN", start, end)
+        assert kc.period_steps(start, end, 20) == frozenset()
+
+
+def test_hidden_periods_are_reported_only_when_really_hidden():
+    lines = kc.hidden_period_report({"shape": (0.0, kc.period_steps(0, 0.1, 20)),
+                                     "pixel": (0.5, kc.period_steps(0.5, 0.8, 20, exclusive=True)),
+                                     "adain": (0.2, kc.period_steps(0.2, 0.4, 20)),
+                                     "attention": (0.0, kc.period_steps(0.0, 1.0, 20))},
+                                    first_step=5, total_steps=20)
+    assert [inert for _, inert in lines] == [True, False]     # attention from 0 to 1 just runs from step 5
     assert lines[0][0].startswith("shape") and "no effect" in lines[0][0]
     assert lines[1][0].startswith("adain") and "5..8" in lines[1][0]
 
 
-def test_step_at_sigma_maps_exact_and_intermediate_sigmas():
-    schedule = torch.tensor(SCHEDULE)
-    for i, sigma in enumerate(SCHEDULE[:-1]):
-        assert kc.step_at_sigma(schedule, torch.tensor([sigma])) == i
-    midpoint = (SCHEDULE[3] * SCHEDULE[4]) ** 0.5  # a DPM-2 style intermediate evaluation
-    assert kc.step_at_sigma(schedule, midpoint) == 3
-    assert kc.step_at_sigma(schedule, SCHEDULE[0] * 1.1) == 0  # churned sigma_hat above the first sigma
+def test_evaluations_are_attributed_to_their_steps():
+    """Heun-like: each step evaluates at σ_i and again at σ_{i+1} (its correction), the last step once; DPM-2-like:
+    a midpoint inside each interval. The state response carries an offset between evaluations."""
+    schedule = [8.0, 4.0, 2.0, 1.0, 0.0]
+    heun = EvaluationPlan.from_sigmas(schedule, 1, [4.0, 2.0, 2.0, 1.0, 1.0], [1, .5, .5, .25, .25], 0.0)
+    assert [(e.step, e.starts_step) for e in heun.evaluations] == [(1, True), (1, False), (2, True), (2, False),
+                                                                   (3, True)]
+    assert heun.carry(2) == 1.0 and heun.carry(3) == 0.5 and heun.carry(5) == 0.0
+    dpm2 = EvaluationPlan.from_sigmas(schedule, 0, [8.0, 5.6, 4.0, 2.8, 2.0, 1.4, 1.0], [1] * 7, 0.0)
+    assert [e.step for e in dpm2.evaluations] == [0, 0, 1, 1, 2, 2, 3]
+    assert [e.starts_step for e in dpm2.evaluations] == [True, False] * 3 + [True]
+    assert dpm2.first_evaluation_of_step(2) == 4 and dpm2.steps_without_start({0, 3}) == []
+    churned = EvaluationPlan.from_sigmas(schedule, 0, [8.5, 4.0], [1, 1], 0.0)
+    assert churned.evaluations[0].starts_step and churned.evaluations[0].step == 0
+    assert EvaluationKey(3, 2.0).matches(EvaluationKey(3, 2.0 * (1 + 1e-6)))
+    assert not EvaluationKey(3, 2.0).matches(EvaluationKey(3, 2.1))
 
 
 @pytest.mark.parametrize("factor", [8, 16])
@@ -142,9 +160,16 @@ def attend(q, kv):
     return F.scaled_dot_product_attention(q[:, None], kv[:, None], kv[:, None])[:, 0]
 
 
-def run_layer(controller, sigma, tokens, branches=(1, 0)):
+def evaluation_at(sigma, index=None):
+    """The evaluation of a one-evaluation-per-step pass at schedule point `sigma`."""
+    step = SCHEDULE.index(sigma)
+    return Evaluation(EvaluationKey(step if index is None else index, sigma), step, True)
+
+
+def run_layer(controller, sigma, tokens, branches=(1, 0), layer=LAYER):
     """One self-attention call as the host makes it: K/V inputs = the tokens unless the controller substitutes."""
-    context, value = controller.kv_inputs(torch.tensor([sigma]), LAYER, list(branches), tokens, tokens)
+    controller.evaluation = evaluation_at(sigma)
+    context, value = controller.kv_inputs(layer, list(branches), tokens, tokens)
     return attend(tokens, context), context
 
 
@@ -165,8 +190,6 @@ def test_substitution_is_anchor_then_previous_without_the_frame_itself():
     frame = torch.randn(2, 16, 8)
     _, context = run_layer(controller, SCHEDULE[2], frame)
     assert torch.equal(context, torch.cat([anchor, anchor], dim=1))
-    controller.commit_previous()
-    controller.mode = Mode.KEY_FRAME
     _, context = run_layer(controller, SCHEDULE[2], torch.randn(2, 16, 8))
     assert torch.equal(context, torch.cat([anchor, frame], dim=1))
 
@@ -203,17 +226,31 @@ def test_inactive_steps_and_layers_pass_through_and_end_run_frees_everything():
     run_layer(controller, SCHEDULE[0], tokens)           # step 0: outside the period, nothing cached
     assert controller.cached_entries() == 0
     run_layer(controller, SCHEDULE[15], tokens)
-    context, _ = controller.kv_inputs(torch.tensor([SCHEDULE[15]]), ("output", 9, 0), [1, 0], tokens, tokens)
+    _, context = run_layer(controller, SCHEDULE[15], tokens, layer=("output", 9, 0))
     assert context is tokens                             # a layer outside the set
     controller.commit_anchor()
     assert controller.nbytes() == tokens.numel() * 2     # fp16, anchor and previous share storage
     controller.mode = Mode.KEY_FRAME
-    run_layer(controller, SCHEDULE[15], tokens)
-    assert controller.nbytes() == 2 * tokens.numel() * 2
+    run_layer(controller, SCHEDULE[15], tokens.clone())
+    assert controller.nbytes() == 2 * tokens.numel() * 2  # two frames' worth: anchor + this frame as "previous"
     controller.end_run()
     assert controller.cached_entries() == 0 and controller.nbytes() == 0 and not controller.running
-    context, _ = controller.kv_inputs(torch.tensor([SCHEDULE[15]]), LAYER, [1, 0], tokens, tokens)
+    _, context = run_layer(controller, SCHEDULE[15], tokens)
     assert context is tokens
+
+
+def test_an_evaluation_without_an_anchor_entry_at_its_sigma_attends_plainly_and_is_counted():
+    controller = started_controller()
+    tokens = torch.randn(2, 16, 8)
+    controller.mode = Mode.ANCHOR
+    run_layer(controller, SCHEDULE[3], tokens)
+    controller.commit_anchor()
+    controller.mode = Mode.KEY_FRAME
+    controller.evaluation = Evaluation(EvaluationKey(3, SCHEDULE[4]), 3, True)   # same index, another σ
+    frame = torch.randn(2, 16, 8)
+    context, _ = controller.kv_inputs(LAYER, [1, 0], frame, frame)
+    assert context is frame and controller.misses == 1
+
 
 
 def test_batched_frames_broadcast_a_single_cached_frame():

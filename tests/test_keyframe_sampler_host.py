@@ -1,6 +1,6 @@
 """The key frame sampler through the real host on tiny random-weight SD1.5-architecture models: equality with
-KSampler when every constraint is off, what each constraint does to x̂0 / x, per-frame ControlNet, isolation of
-the model passed in, and errors before sampling."""
+KSampler when every constraint is off, what each constraint does to x̂0 / x, per-frame ControlNet hints wired
+upstream (one or two chained ControlNets), isolation of the model passed in, and errors before sampling."""
 import pytest
 import torch
 
@@ -130,18 +130,70 @@ def test_model_is_unchanged_and_a_second_run_is_identical(host):
     assert patched.patches == {} and "sampler_post_cfg_function" not in patched.model_options
 
 
-def test_each_key_frame_gets_its_own_control_hint(host):
-    control_net = tiny_controlnet(3)
-    frames = clip(4)
-    hints = torch.stack([torch.full((SIZE, SIZE, 3), 0.1 * (i + 1)) for i in range(4)])
-    seen_hints = []
+def frame_hints(count, base):
+    """One hint image per frame with a recognisable value: base + 0.1·(frame + 1)."""
+    return torch.stack([torch.full((SIZE, SIZE, 3), base + 0.1 * (i + 1)) for i in range(count)])
+
+
+def watch_hints(control_net, seen, current):
+    """Record (key frame being rendered, mean of the hint the ControlNet receives) at every ControlNet call."""
     control_net.control_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen_hints.append(round(kwargs["hint"].mean().item(), 4)), with_kwargs=True)
-    images, latent = run_sampler(host, tiny_sd15(0), frames, indices=(0, 2, 3), control_net=control_net,
-                                 control_hints=hints, control_strength=1.0)
-    assert seen_hints == [0.1] * 4 + [0.3] * 4 + [0.4] * 4   # 4 steps per key frame, frames 0, 2, 3
-    _, without = run_sampler(host, tiny_sd15(0), frames, indices=(0, 2, 3))
-    assert not torch.equal(latent["samples"], without["samples"])
+        lambda module, args, kwargs: seen.append((current[0], round(kwargs["hint"].mean().item(), 4))),
+        with_kwargs=True)
+
+
+def render_with_hints(host, positive, negative, frames, indices, flow=None, **settings):
+    rendering = host.pack_module("nodes.keyframe_rendering")
+    current = [None]
+    options = dict(seed=SEED, steps=4, cfg=5.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0,
+                   shape_period=(0.0, 0.0), pixel_period=(0.3, 0.9), adain_period=(0.0, 0.0))
+    options.update(settings)
+    renderer = rendering.KeyframeRenderer(
+        tiny_sd15(0), positive, negative, tiny_sd_vae(0), frames, keyframes(host, indices, len(frames)), flow,
+        rendering.KeyframeSettings(**options), on_key_frame=lambda number, index, total: current.__setitem__(0, index))
+    return renderer, current
+
+
+def test_upstream_controlnet_gives_each_key_frame_its_own_hint_on_every_pass(host):
+    """Apply ControlNet (Advanced) on the whole clip's hints, as shared workflows wire it: every ControlNet call
+    of every pass (anchor, rough, final) sees the hint of the key frame being rendered."""
+    import nodes
+    frames = clip(4)
+    control_net = tiny_controlnet(3)
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        conditioning(0), conditioning(1), control_net, frame_hints(4, 0.0), 1.0, 0.0, 1.0)
+    renderer, current = render_with_hints(host, positive, negative, frames, (0, 2, 3), zero_flow(host, frames))
+    seen = []
+    watch_hints(control_net, seen, current)
+    _, latents, _ = renderer.run()
+    expected = {0: 0.1, 2: 0.3, 3: 0.4}
+    assert {frame for frame, _ in seen} == set(expected)
+    assert all(hint == expected[frame] for frame, hint in seen), seen
+    calls = {frame: sum(1 for f, _ in seen if f == frame) for frame in expected}
+    assert calls[0] == 4 and calls[2] > 4 and calls[3] > 4      # key frames: rough pass + final pass from its blend
+    without, _ = render_with_hints(host, conditioning(0), conditioning(1), frames, (0, 2, 3), zero_flow(host, frames))
+    assert not torch.equal(without.run()[1], latents)
+
+
+def test_two_chained_controlnets_keep_their_own_periods_and_hints(host):
+    import nodes
+    frames = clip(3)
+    first, second = tiny_controlnet(3), tiny_controlnet(4)
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        conditioning(0), conditioning(1), first, frame_hints(3, 0.0), 1.0, 0.0, 0.5)
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, second, frame_hints(3, 0.5), 0.7, 0.5, 1.0)
+    renderer, current = render_with_hints(host, positive, negative, frames, (0, 1, 2), pixel_period=(0.0, 0.0))
+    seen_first, seen_second = [], []
+    watch_hints(first, seen_first, current)
+    watch_hints(second, seen_second, current)
+    renderer.run()
+    for seen, base in ((seen_first, 0.0), (seen_second, 0.5)):
+        assert {frame for frame, _ in seen} == {0, 1, 2}
+        assert all(abs(hint - (base + 0.1 * (frame + 1))) < 1e-4 for frame, hint in seen), seen
+    # start/end split the 4 steps between them: neither runs at every step, together they cover all of them.
+    assert 0 < len(seen_first) < 4 * 3 and 0 < len(seen_second) < 4 * 3
+    assert len(seen_first) + len(seen_second) >= 4 * 3
 
 
 def test_progress_events_name_each_key_frame(host):
@@ -169,9 +221,8 @@ def counting(model):
 
 @pytest.mark.parametrize("change, message", [
     (dict(indices=(0, 1), frames_count=3, selection_count=2), "picked for 2 frames"),
-    (dict(control_hints=2), "control_hints"),
-    (dict(control_hints_only=True), "control_net"),
-    (dict(adain_start=0.9, adain_end=0.3), "swap"),
+    (dict(control_hints=2), "ControlNet .*2 hint images for a 3-frame clip"),
+    (dict(sampler_name="dpm_adaptive"), "dpm_adaptive.*adaptive.*use one of: euler"),
     (dict(pixel_fusion_start=-0.2), r"\[0, 1\]"),
     (dict(shape_fusion_end=0.5, denoise=1.0), "no `flow`"),
     (dict(flow_frames=2), "flow"),
@@ -187,17 +238,17 @@ def test_bad_input_fails_before_sampling(host, change, message):
     indices = change.pop("indices", tuple(range(selection_count)))
     inputs = dict(NODE_DEFAULTS, **ALL_OFF)
     vae = taef2_vae() if change.pop("taef2", False) else tiny_sd_vae(0)
+    positive, negative = conditioning(0), conditioning(1)
     if "control_hints" in change:
-        inputs.update(control_net=tiny_controlnet(0), control_hints=torch.rand(change.pop("control_hints"), 8, 8, 3))
-    if change.pop("control_hints_only", False):
-        inputs.update(control_hints=torch.rand(len(frames), 8, 8, 3))
+        import nodes
+        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, tiny_controlnet(0), torch.rand(change.pop("control_hints"), 8, 8, 3), 1.0, 0.0, 1.0)
     flow_frames = change.pop("flow_frames", None)
     if flow_frames is not None:
         inputs["flow"] = zero_flow(host, frames[:flow_frames])
     inputs.update(change)
     with pytest.raises(ValueError, match=message):
-        host.run_node("Rerender_KeyframeSampler", model=counted, positive=conditioning(0), negative=conditioning(1),
-                      vae=vae, frames=frames, keyframes=keyframes(host, indices, selection_count), **inputs)
+        host.run_node("Rerender_KeyframeSampler", model=counted, positive=positive, negative=negative, vae=vae, frames=frames, keyframes=keyframes(host, indices, selection_count), **inputs)
     assert calls == []
 
 
@@ -211,27 +262,24 @@ def test_every_constraint_runs_with_other_samplers(host, sampler_name):
                       adain_start=0.75, adain_end=1.0, denoise=1.0, sampler_name=sampler_name, scheduler="karras")
     images, latent = run_sampler(host, patched, frames, flow=zero_flow(host, frames), **everything)
     assert torch.isfinite(latent["samples"]).all() and images.shape == frames.shape
-    assert "fell back" not in host.last_ui["text"][0]
+    assert "fell back" not in host.last_ui["text"][0] and "skipped" not in host.last_ui["text"][0]
 
 
-def test_x0_edits_follow_the_reference_ddim_update(host):
-    """An x̂0 edit carried into the state reproduces the reference's DDIM step x' = x̂0_edited + σ'·ε with the
-    UNet's own ε, through the host's Euler (= its "ddim") sampler, which alone would re-derive ε from the edit."""
-    from comfy.k_diffusion.sampling import sample_euler
-    rendering = host.pack_module("nodes.keyframe_rendering")
-    model_sampling = tiny_sd15(0).get_model_object("model_sampling")
-    sigmas = torch.tensor([3.3, 2.7])
-    gen = torch.Generator().manual_seed(0)
-    x, denoised, anchor = (torch.randn(1, 4, 8, 8, generator=gen) * 3 for _ in range(3))
-    schedule = torch.tensor([3.3, 2.7, 0.0])
-    edit = rendering.X0Constraints(schedule, model_sampling, adain_steps={0}, fusion_steps=(),
-                                   anchor_x0={0: anchor})
-    stepped = sample_euler(lambda x_in, sigma, **_: edit({"denoised": denoised, "sigma": sigma}), x, sigmas)
-    carried = edit.carry_into_state(stepped, sigmas[1])
-    edited = rendering.adain(denoised, *channel_stats(anchor))
-    epsilon = (x - denoised) / sigmas[0]
-    assert torch.allclose(carried, edited + sigmas[1] * epsilon, atol=1e-5)
-    assert not torch.allclose(stepped, carried, atol=1e-2)
+def test_widget_only_problems_are_refused_at_queue_time(host):
+    node = host.nodes.NODE_CLASS_MAPPINGS["Rerender_KeyframeSampler"]
+    widgets = dict(NODE_DEFAULTS, **ALL_OFF)
+    assert node.validate_inputs(**widgets) is True
+    assert node.validate_inputs(**dict(widgets, adain_start=1.0, adain_end=0.0)) is True   # (1, 0) is off
+    assert "dpm_fast" in node.validate_inputs(**dict(widgets, sampler_name="dpm_fast"))
+    assert "[0, 1]" in node.validate_inputs(**dict(widgets, pixel_fusion_end=1.5))
+    assert node.validate_inputs(**{k: v for k, v in widgets.items() if k != "sampler_name"}) is True  # linked
+
+
+def test_start_after_end_switches_a_constraint_off(host):
+    frames = clip(2)
+    _, off, _ = render(host, tiny_sd15(0), frames)
+    _, reversed_period, _ = render(host, tiny_sd15(0), frames, adain_period=(1.0, 0.0))
+    assert torch.equal(off, reversed_period)
 
 
 def test_colour_not_preserved_matches_inputs_to_a_pure_noise_anchor(host):
