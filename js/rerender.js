@@ -23,6 +23,7 @@ function redraw(node) {
 
 function setStatus(node, lines, isProgress = false) {
     node.rerenderStatus = lines;
+    node.rerenderRows = lines.length;
     node.rerenderProgress = isProgress;
     redraw(node);
 }
@@ -74,7 +75,10 @@ function drawStatus(node, ctx) {
     ctx.textBaseline = "bottom";
     rows.forEach((row, i) => ctx.fillText(row, 8, node.size[1] - 4 - (rows.length - 1 - i) * LINE_HEIGHT));
     ctx.restore();
-    node.rerenderRows = rows.length;
+    if (node.rerenderRows !== rows.length) {     // wrapping is known only now: make room for every row
+        node.rerenderRows = rows.length;
+        redraw(node);
+    }
 }
 
 function showModeWidgets(node) {

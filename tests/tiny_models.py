@@ -21,6 +21,9 @@ TINY_SD15_UNET = {
 SD15_WIDTH_UNET = dict(TINY_SD15_UNET, model_channels=320, num_res_blocks=[1, 1], channel_mult=[1, 2],
                        transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1])
 
+# SD1.5's UNet itself (random weights): the same compute as the real model, for cost measurements.
+FULL_SD15_UNET = dict(TINY_SD15_UNET, model_channels=320)
+
 TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
                      "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
@@ -93,14 +96,14 @@ def tiny_controlnet(seed: int = 0):
     return comfy.controlnet.ControlNet(tiny_controlnet_module(seed), load_device=mm.get_torch_device())
 
 
-def save_tiny_checkpoint(path, seed: int = 0) -> None:
+def save_tiny_checkpoint(path, seed: int = 0, unet_config: dict = SD15_WIDTH_UNET) -> None:
     """A loadable SD1.5-architecture checkpoint (tiny UNet, random CLIP-L text encoder, random SD VAE) for tests
     that go through the host's CheckpointLoaderSimple, e.g. on a server."""
     import comfy.model_management as mm
     import comfy.sd
     import comfy.supported_models
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    model = tiny_sd15(seed, SD15_WIDTH_UNET)
+    model = tiny_sd15(seed, unet_config)
     clip = comfy.sd.CLIP(comfy.supported_models.SD15(copy.deepcopy(TINY_SD15_UNET)).clip_target(), embedding_directory=None)
     init_parameters(clip.cond_stage_model, seed + 1)
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -112,10 +115,10 @@ def save_tiny_checkpoint(path, seed: int = 0) -> None:
     mm.unload_all_models()
 
 
-def save_tiny_controlnet(path, seed: int = 0) -> None:
+def save_tiny_controlnet(path, seed: int = 0, unet_config: dict = SD15_WIDTH_UNET) -> None:
     """A ControlNet for save_tiny_checkpoint's UNet, as an LDM-format safetensors file for the host's loader."""
     import safetensors.torch
-    module = tiny_controlnet_module(seed, SD15_WIDTH_UNET)
+    module = tiny_controlnet_module(seed, unet_config)
     state = {f"control_model.{k}": v.contiguous() for k, v in module.state_dict().items()}
     safetensors.torch.save_file(state, str(path))
 
