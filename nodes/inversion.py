@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..rerender import inversion as ddim
 from .fidelity_encode import check_vae_size
-from .frame_conditioning import check_control_hints, conditioning_for_frames
+from .control_hints import check_control_hints, conditioning_for_frames
 from .types import Inversion
 
 CATEGORY = "Rerender"
@@ -67,7 +67,7 @@ def invert_latents(model, conditioning, latents: torch.Tensor, sigmas: torch.Ten
     Runs `batch_size` frames per model call; each batch's ControlNets get their own frames' hints. `on_step()` is
     called after every model call (progress; an interruption raises there too). Returns the Inversion."""
     check_invertible(model, NODE_NAME)
-    check_control_hints(conditioning, latents.shape[0], NODE_NAME, "conditioning")
+    check_control_hints({"conditioning": conditioning}, latents.shape[0], NODE_NAME)
     sampling = model.get_model_object("model_sampling")
     grid = ddim.inversion_grid(sigmas, sampling.sigmas, inversion_steps)
     keep = [float(s) for s in sigmas.double()]
@@ -183,7 +183,7 @@ class VideoInversion(io.ComfyNode):
         latents = source_latents(frames, vae, latent)
         sigmas = editing_sigmas(model, steps, sampler_name, scheduler, denoise)
         check_invertible(model, NODE_NAME)
-        check_control_hints(conditioning, latents.shape[0], NODE_NAME, "conditioning")
+        check_control_hints({"conditioning": conditioning}, latents.shape[0], NODE_NAME)
         batches = math.ceil(latents.shape[0] / batch_size)
         grid_steps = len(ddim.inversion_grid(sigmas, model.get_model_object("model_sampling").sigmas,
                                              inversion_steps)) - 1

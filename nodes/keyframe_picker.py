@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..rerender.keyframes import adaptive_keyframes, check_index_list, parse_index_list, uniform_keyframes
 from .types import KeyFrames
-from .validation import out_of_range
+from .validation import outside_declared
 
 CATEGORY = "Rerender"
 MODES = ["uniform", "adaptive", "list"]
@@ -66,7 +66,7 @@ class KeyframePicker(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, mode, s_min, s_max, index_list):
         """The checks that need no frames, at queue time (POST /prompt), for the chosen mode only."""
-        problem = out_of_range(cls, s_min=s_min, s_max=s_max)
+        problem = outside_declared(cls, s_min=s_min, s_max=s_max)
         if problem is not None:
             return problem
         if mode == "adaptive" and s_min > s_max:

@@ -29,7 +29,7 @@ from ..rerender.adain import adain, channel_stats
 from ..rerender.cross_frame_attention import CrossFrameAttention, Mode
 from ..rerender.evaluation_plan import Evaluation, EvaluationPlan
 from ..rerender.fidelity import fidelity_encode
-from .control_hints import check_control_hints, conditioning_for_frame
+from .control_hints import check_control_hints, conditioning_for_frames
 from .cross_frame_attention import find_cross_frame_attention
 from .fidelity_encode import check_vae_size
 from .steered_sampling import SteeringHooks, refusal, steered_sampler
@@ -250,7 +250,7 @@ class KeyframeRenderer:
         problem = validate_settings(s)
         if problem:
             raise ValueError(problem)
-        check_control_hints(self.positive, self.negative, n, NODE_NAME)
+        check_control_hints({"positive": self.positive, "negative": self.negative}, n, NODE_NAME)
         flow_shape = None if self.flow is None else (self.flow.num_frames, self.flow.height, self.flow.width)
         if flow_shape is not None and flow_shape != (n, *frames.shape[1:3]):
             raise ValueError(f"{NODE_NAME}: `flow` covers {self.flow.num_frames} frames of "
@@ -365,8 +365,8 @@ class KeyframeRenderer:
         """positive/negative with every upstream ControlNet seeing this frame's own hint."""
         memo = {}
         n = len(self.frames)
-        return (conditioning_for_frame(self.positive, index, n, memo),
-                conditioning_for_frame(self.negative, index, n, memo))
+        return (conditioning_for_frames(self.positive, [index], n, memo),
+                conditioning_for_frames(self.negative, [index], n, memo))
 
     def _encode_frame(self, index: int, colour_reference: Optional[torch.Tensor]) -> torch.Tensor:
         frame = self.frames[index:index + 1]

@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 from .cross_frame_attention import missing_attention_note
 from .keyframe_rendering import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo, validate_settings
 from .types import KeyFrames, VideoFlow
+from .validation import outside_declared
 
 CATEGORY = "Rerender"
 PROGRESS_EVENT = "rerender.keyframe_progress"
@@ -113,6 +114,9 @@ class KeyframeSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, **inputs):
         """Queue-time refusal of what the widget values alone rule out (a refused sampler, a bad period)."""
+        problem = outside_declared(cls, **inputs)
+        if problem is not None:
+            return f"{NODE_NAME}: {problem}."
         names = ("shape_fusion", "pixel_fusion", "adain")
         if any(f"{n}_{e}" not in inputs for n in names for e in ("start", "end")) or any(
                 k not in inputs for k in ("seed", "steps", "denoise", "sampler_name", "scheduler")):

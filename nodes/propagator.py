@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..rerender import propagate
 from .types import KeyFrames, VideoFlow
-from .validation import out_of_range
+from .validation import outside_declared
 
 CATEGORY = "Rerender"
 DEFAULTS = propagate.PropagationSettings()
@@ -85,7 +85,7 @@ class PatchPropagator(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, patch_size) -> bool | str:
-        problem = out_of_range(cls, patch_size=patch_size)
+        problem = outside_declared(cls, patch_size=patch_size)
         if problem is None and patch_size is not None and patch_size % 2 == 0:
             problem = f"`patch_size` must be odd (a patch is centred on its pixel), got {patch_size}; use {patch_size + 1}"
         return True if problem is None else f"Patch Propagator: {problem}."

@@ -32,9 +32,10 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 from comfy_api.latest import io
 
 from ..rerender import tokenflow as tf
-from .frame_conditioning import check_control_hints, conditioning_for_frames
+from .control_hints import check_control_hints, conditioning_for_frames
 from .inversion import check_invertible, editing_sigmas, start_noise
 from .types import Inversion
+from .validation import outside_declared
 
 CATEGORY = "Rerender"
 NODE_NAME = "TokenFlow Sampler"
@@ -344,8 +345,7 @@ def check_request(model, inversion, settings: TokenFlowSettings, positive, negat
     sigmas = editing_sigmas(model, settings.steps, settings.sampler_name, settings.scheduler, settings.denoise)
     inversion.check_schedule(sigmas, NODE_NAME, "set steps / denoise / sampler_name / scheduler as on the "
                                                 "inversion node, or invert again for these.")
-    for name, conditioning in (("positive", positive), ("negative", negative)):
-        check_control_hints(conditioning, inversion.frame_count, NODE_NAME, name)
+    check_control_hints({"positive": positive, "negative": negative}, inversion.frame_count, NODE_NAME)
     return sigmas
 
 
@@ -419,6 +419,9 @@ class TokenFlowSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name=None, **kwargs):
+        problem = outside_declared(cls, sampler_name=sampler_name, **kwargs)
+        if problem is not None:
+            return f"{NODE_NAME}: {problem}."
         if sampler_name is not None and sampler_name not in SUPPORTED_SAMPLERS:
             return (f"{NODE_NAME}: sampler '{sampler_name}' is not supported; use one of "
                     f"{', '.join(SUPPORTED_SAMPLERS)}.")

@@ -27,10 +27,11 @@ from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy_api.latest import io, ui
 from comfy_extras import nodes_train
 
-from .inversion import start_noise
-from .types import Inversion
 from ..rerender.tune_a_video import (TRAINED_PROJECTIONS, TemporalAttention, TunedParameters, base_fingerprint,
                                      check_frame_sizes, select_frames, sparse_causal_inputs, tuning_loss)
+from .inversion import start_noise
+from .types import Inversion
+from .validation import outside_declared
 
 CATEGORY = "Rerender"
 NODE_NAME = "Tune-A-Video"
@@ -385,7 +386,11 @@ class TuneAVideo(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=1, frame_count=2, frame_stride=1, learning_rate=3e-5, **_):
+    def validate_inputs(cls, steps=1, frame_count=2, frame_stride=1, learning_rate=3e-5, **others):
+        problem = outside_declared(cls, steps=steps, frame_count=frame_count, frame_stride=frame_stride,
+                                   learning_rate=learning_rate, **others)
+        if problem is not None:
+            return f"{NODE_NAME}: {problem}."
         if steps is not None and steps < 1:
             return f"{NODE_NAME}: steps is {steps}; tune for at least 1 step (reference 500)."
         if frame_count is not None and frame_count < 2:

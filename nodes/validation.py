@@ -1,22 +1,31 @@
 """Queue-time checks shared by the pack's nodes.
 
 A V3 node's `validate_inputs` runs at `POST /prompt`, before anything executes, so a bad widget value is refused
-before any upstream work. The host skips its own min/max check for every input that `validate_inputs` takes by
-name (execution.py, validate_inputs), so `out_of_range` restores it for those inputs.
+before any upstream work. The host skips its own min/max and combo checks for every input that `validate_inputs`
+takes by name, and for all inputs when it takes **kwargs (execution.py, validate_inputs); `outside_declared`
+restores them for those inputs.
 """
 from typing import Optional
 
 
-def out_of_range(node_cls, **values) -> Optional[str]:
-    """The first value outside its input's declared [min, max], as a message naming the input; None if all fit.
-    Values of linked inputs are unknown at queue time (None) and are left to the node's execute."""
+def outside_declared(node_cls, **values) -> Optional[str]:
+    """The first value outside its input's declared [min, max] or combo options, as a message naming the input;
+    None if all fit. Values of linked inputs are unknown at queue time (None) and are left to the node's execute;
+    names the node does not declare (hidden inputs) are ignored."""
     declared = {}
     for section in node_cls.INPUT_TYPES().values():
         declared.update(section)
     for name, value in values.items():
-        spec = declared[name]
-        options = spec[1] if len(spec) > 1 else {}
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        spec = declared.get(name)
+        if spec is None or value is None:
+            continue
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+        if choices is not None:
+            if value not in choices:
+                return f"`{name}` is {value!r}, not one of its options"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if "min" in options and value < options["min"]:
             return f"`{name}` is {value}, below its minimum {options['min']}"

@@ -117,7 +117,7 @@ def test_bad_input_is_refused_before_work(host):
                       vae=tiny_sd_vae(0), **args)
     cond = host.nodes.ControlNetApplyAdvanced().apply_controlnet(conditioning(0), conditioning(1), tiny_controlnet(0),
                                                                  torch.rand(3, 64, 64, 3), 1.0, 0.0, 1.0)[0]
-    with pytest.raises(Exception, match="3 hint images for 2 frames"):
+    with pytest.raises(Exception, match="3 hint images for a 2-frame clip"):
         host.run_node(NODE, model=model, conditioning=cond, latent={"samples": latents}, **args)
 
 

@@ -8,13 +8,24 @@ from test_workflows_host import WORKFLOWS, for_tiny_models
 
 FULL_PIPELINE = WORKFLOWS / "api" / "rerender_full_pipeline.json"
 
-# (node class, input, bad value, what the error must say): each needs only the node's own widget values.
+# (node class, input, bad value, what the error must say): each needs only the node's own widget values. Nodes that
+# are not in the full pipeline are taken from their own workflow (WORKFLOW_OF).
+WORKFLOW_OF = {"Rerender_TokenFlowSampler": "rerender_tokenflow", "Rerender_Inversion": "rerender_tokenflow",
+               "Rerender_TuneAVideo": "rerender_tune_a_video"}
 WIDGET_MISTAKES = [
     ("Rerender_PatchPropagator", "patch_size", 4, "`patch_size` must be odd"),
     ("Rerender_PatchPropagator", "patch_size", 17, "above its maximum"),
     ("Rerender_KeyframePicker", {"mode": "adaptive", "s_min": 30, "s_max": 20}, None, "s_min (30) is larger"),
     ("Rerender_KeyframePicker", {"mode": "adaptive", "s_min": 0}, None, "below its minimum"),
     ("Rerender_KeyframePicker", {"mode": "list", "index_list": "0,a"}, None, "'a'"),
+    ("Rerender_KeyframeSampler", "sampler_name", "dpm_adaptive", "dpm_adaptive"),
+    ("Rerender_KeyframeSampler", "sampler_name", "no_such_sampler", "not one of its options"),
+    ("Rerender_KeyframeSampler", "steps", 0, "below its minimum"),
+    ("Rerender_KeyframeSampler", {"adain_start": 1.5}, None, "above its maximum"),
+    ("Rerender_TokenFlowSampler", "sampler_name", "euler_ancestral", "not supported"),
+    ("Rerender_TokenFlowSampler", "chunk_size", 0, "below its minimum"),
+    ("Rerender_TuneAVideo", "steps", 0, "steps"),
+    ("Rerender_TuneAVideo", "learning_rate", -1.0, "learning_rate"),
 ]
 
 
@@ -26,7 +37,8 @@ def node_id_of(prompt: dict, class_type: str) -> str:
                          ids=[f"{c}.{n}={v}" for c, n, v, _ in WIDGET_MISTAKES])
 def test_widget_mistake_is_refused_at_queue_time(server, class_type, name, value, expected):
     """`name` is one input (set to `value`) or a dict of inputs to set together."""
-    prompt = for_tiny_models(json.loads(FULL_PIPELINE.read_text()))
+    workflow = WORKFLOWS / "api" / f"{WORKFLOW_OF.get(class_type, 'rerender_full_pipeline')}.json"
+    prompt = for_tiny_models(json.loads(workflow.read_text()))
     node = node_id_of(prompt, class_type)
     changes = name if isinstance(name, dict) else {name: value}
     prompt[node]["inputs"].update(changes)

@@ -95,7 +95,7 @@ def test_bad_input_is_refused_before_work(host):
     hints = torch.rand(3, 64, 64, 3)
     positive, negative = host.nodes.ControlNetApplyAdvanced().apply_controlnet(
         conditioning(0), conditioning(1), tiny_controlnet(0), hints, 1.0, 0.0, 1.0)
-    with pytest.raises(Exception, match="3 hint images for 5 frames"):
+    with pytest.raises(Exception, match="3 hint images for a 5-frame clip"):
         tokenflow(host, model, inversion, positive, negative)
 
 
