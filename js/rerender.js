@@ -2,7 +2,8 @@
 //  - Every Rerender node: the text lines of its execution result (the picker's indices, the sampler's report,
 //    notes such as a frame size the VAE cannot take), drawn under its widgets.
 //  - Key Frame Sampler: which key frame is rendering, from "rerender.keyframe_progress" websocket messages.
-//  - Texts are cleared when a run starts; a run that fails or is interrupted clears the progress lines it left.
+//  - Texts are cleared when a run starts, and put back for the nodes the run takes from the server's cache (their
+//    result is the one shown before); a run that fails or is interrupted clears the progress lines it left.
 //  - Key Frame Picker: only the chosen mode's widgets are shown.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -112,7 +113,8 @@ app.registerExtension({
         const onExecuted = nodeType.prototype.onExecuted;
         nodeType.prototype.onExecuted = function (message) {
             onExecuted?.apply(this, arguments);
-            setStatus(this, resultLines(message));
+            this.rerenderResult = resultLines(message);
+            setStatus(this, this.rerenderResult);
         };
 
         if (nodeData.name === PICKER) {
@@ -142,6 +144,12 @@ app.registerExtension({
 
     async setup() {
         api.addEventListener("execution_start", () => clearStatus(packNodes()));
+        api.addEventListener("execution_cached", ({ detail }) => {
+            const cached = new Set((detail?.nodes ?? []).map(String));
+            for (const node of packNodes()) {
+                if (cached.has(String(node.id)) && node.rerenderResult) setStatus(node, node.rerenderResult);
+            }
+        });
         for (const event of ["execution_error", "execution_interrupted"]) {
             api.addEventListener(event, () => clearStatus(packNodes().filter((node) => node.rerenderProgress)));
         }

@@ -41,6 +41,7 @@ def test_template_cards_open_their_graphs_and_a_failed_run_clears_the_nodes_text
     status = report["status"]
     assert visible(status["initial"]) == MODE_WIDGETS["uniform"] and status["initial"]["status"] == []
     assert status["afterSuccess"]["status"] == ["key frames: 0"]
+    assert status["afterCachedRun"]["status"] == ["key frames: 0"]  # cached, not executed: the text stays
     assert visible(status["listMode"]) == MODE_WIDGETS["list"]
     assert status["events"] == ["execution_start", "execution_error"]
     assert status["afterFailure"]["status"] == []               # not the previous run's indices

@@ -72,6 +72,9 @@ try {
         await window.app.loadGraphData(wf);
         const load = window.app.graph._nodes.find((n) => n.type === "LoadImage");
         load.widgets.find((w) => w.name === "image").value = "rerender_example.png";
+        // an interval no other test queues: the picker really runs instead of coming from the server's cache
+        const picker = window.app.graph._nodes.find((n) => n.type === "Rerender_KeyframePicker");
+        picker.widgets.find((w) => w.name === "interval").value = 1000 + Math.floor(Math.random() * 9000);
         window.rerenderTestEvents = [];
         for (const type of ["execution_start", "execution_error", "execution_success"]) {
             window.app.api.addEventListener(type, () => window.rerenderTestEvents.push(type));
@@ -89,6 +92,12 @@ try {
         { timeout: 300000 });
     await page.waitForTimeout(500);
     report.status.afterSuccess = await pickerState();
+    // the same graph again: the host serves it from its cache, and the picker keeps showing its result
+    await page.evaluate(() => { window.rerenderTestEvents = []; window.app.queuePrompt(0, 1); });
+    await page.waitForFunction(() => window.rerenderTestEvents.includes("execution_success"), null,
+        { timeout: 300000 });
+    await page.waitForTimeout(500);
+    report.status.afterCachedRun = await pickerState();
     await page.evaluate((find) => {
         const node = eval(find)();
         const mode = node.widgets.find((w) => w.name === "mode");
