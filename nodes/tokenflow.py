@@ -419,13 +419,11 @@ class TokenFlowSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name=None, **kwargs):
-        problem = outside_declared(cls, sampler_name=sampler_name, **kwargs)
-        if problem is not None:
-            return f"{NODE_NAME}: {problem}."
         if sampler_name is not None and sampler_name not in SUPPORTED_SAMPLERS:
             return (f"{NODE_NAME}: sampler '{sampler_name}' is not supported; use one of "
                     f"{', '.join(SUPPORTED_SAMPLERS)}.")
-        return True
+        problem = outside_declared(cls, sampler_name=sampler_name, **kwargs)
+        return True if problem is None else f"{NODE_NAME}: {problem}."
 
     @classmethod
     def execute(cls, model, positive, negative, inversion, seed, steps, cfg, sampler_name, scheduler, denoise,

@@ -387,10 +387,6 @@ class TuneAVideo(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, steps=1, frame_count=2, frame_stride=1, learning_rate=3e-5, **others):
-        problem = outside_declared(cls, steps=steps, frame_count=frame_count, frame_stride=frame_stride,
-                                   learning_rate=learning_rate, **others)
-        if problem is not None:
-            return f"{NODE_NAME}: {problem}."
         if steps is not None and steps < 1:
             return f"{NODE_NAME}: steps is {steps}; tune for at least 1 step (reference 500)."
         if frame_count is not None and frame_count < 2:
@@ -399,7 +395,9 @@ class TuneAVideo(io.ComfyNode):
             return f"{NODE_NAME}: frame_stride is {frame_stride}; use 1 or more."
         if learning_rate is not None and learning_rate <= 0:
             return f"{NODE_NAME}: learning_rate must be positive (reference 3e-5)."
-        return True
+        problem = outside_declared(cls, steps=steps, frame_count=frame_count, frame_stride=frame_stride,
+                                   learning_rate=learning_rate, **others)
+        return True if problem is None else f"{NODE_NAME}: {problem}."
 
     @classmethod
     def execute(cls, model, positive, frames=None, vae=None, latent=None, frame_count=24, frame_stride=2,

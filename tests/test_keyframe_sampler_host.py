@@ -271,7 +271,7 @@ def test_widget_only_problems_are_refused_at_queue_time(host):
     assert node.validate_inputs(**widgets) is True
     assert node.validate_inputs(**dict(widgets, adain_start=1.0, adain_end=0.0)) is True   # (1, 0) is off
     assert "dpm_fast" in node.validate_inputs(**dict(widgets, sampler_name="dpm_fast"))
-    assert "[0, 1]" in node.validate_inputs(**dict(widgets, pixel_fusion_end=1.5))
+    assert "`pixel_fusion_end` is 1.5, above its maximum" in node.validate_inputs(**dict(widgets, pixel_fusion_end=1.5))
     assert node.validate_inputs(**{k: v for k, v in widgets.items() if k != "sampler_name"}) is True  # linked
 
 

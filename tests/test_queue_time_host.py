@@ -39,6 +39,8 @@ def test_widget_mistake_is_refused_at_queue_time(server, class_type, name, value
     """`name` is one input (set to `value`) or a dict of inputs to set together."""
     workflow = WORKFLOWS / "api" / f"{WORKFLOW_OF.get(class_type, 'rerender_full_pipeline')}.json"
     prompt = for_tiny_models(json.loads(workflow.read_text()))
+    for key in [key for key, n in prompt.items() if n["class_type"] == "PreviewImage"]:
+        del prompt[key]  # an output that does not depend on the node at fault would still be queued and run
     node = node_id_of(prompt, class_type)
     changes = name if isinstance(name, dict) else {name: value}
     prompt[node]["inputs"].update(changes)
