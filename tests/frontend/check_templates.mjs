@@ -42,12 +42,20 @@ try {
     }
 
     await openPackTemplates();
-    const cards = await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')].map(
-        (card) => {
-            const image = card.querySelector("img");
-            return { name: card.dataset.testid.replace("template-workflow-", ""), src: image?.src ?? "",
-                loaded: Boolean(image?.complete && image.naturalWidth > 0) };
-        }));
+    const cards = await page.evaluate(async () => {
+        const seen = [];
+        for (const card of document.querySelectorAll('[data-testid^="template-workflow-"]')) {
+            card.scrollIntoView();                  // cards load their thumbnail once they are in view
+            let image = card.querySelector("img");
+            for (let wait = 0; wait < 50 && !(image?.complete && image.naturalWidth > 0); wait++) {
+                await new Promise((resolve) => setTimeout(resolve, 100));
+                image = card.querySelector("img");
+            }
+            seen.push({ name: card.dataset.testid.replace("template-workflow-", ""), src: image?.src ?? "",
+                loaded: Boolean(image?.complete && image.naturalWidth > 0) });
+        }
+        return seen;
+    });
     report.cards = cards.map((card) => card.name);
     for (const card of cards) report.thumbnails[card.name] = card;
     await page.keyboard.press("Escape");
