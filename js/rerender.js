@@ -1,7 +1,8 @@
 // comfyui-rerender frontend: shows on the nodes what the server reports (no polling).
 //  - Every Rerender node: the text lines of its execution result (the picker's indices, the sampler's report,
 //    notes such as a frame size the VAE cannot take), drawn under its widgets.
-//  - Key Frame Sampler: which key frame is rendering, from "rerender.keyframe_progress" websocket messages.
+//  - Key Frame Sampler / FRESCO Key Frames: which key frame or batch is rendering, from "rerender.keyframe_progress"
+//    websocket messages (a message's `text`, when it has one, is shown as it is).
 //  - Texts are cleared when a run starts, and put back for the nodes the run takes from the server's cache (their
 //    result is the one shown before); a run that fails or is interrupted clears the progress lines it left.
 //  - Key Frame Picker: only the chosen mode's widgets are shown.
@@ -156,7 +157,8 @@ app.registerExtension({
         api.addEventListener("rerender.keyframe_progress", ({ detail }) => {
             const node = app.graph?.getNodeById(Number(detail.node)) ?? app.graph?.getNodeById(detail.node);
             if (!node) return;
-            setStatus(node, [`key frame ${detail.key_frame + 1}/${detail.total} (frame ${detail.frame_index})`], true);
+            const line = detail.text ?? `key frame ${detail.key_frame + 1}/${detail.total} (frame ${detail.frame_index})`;
+            setStatus(node, [line], true);
         });
     },
 });

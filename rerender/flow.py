@@ -233,6 +233,16 @@ class VideoFlow:
         for index in range(max(start, 1), self.num_frames if stop is None else stop):
             yield (index, *self.pair(index - 1, index, device))
 
+    def matches_clip(self, frames: torch.Tensor, indices, tolerance: float = 2 / 255) -> bool:
+        """Whether `frames` ([N,H,W,3] 0..1) are the clip this flow was estimated on: same shape, and the frames at
+        `indices` equal within `tolerance` (mean absolute difference), so a flow from another clip is caught."""
+        if tuple(frames.shape[:3]) != (self.num_frames, self.height, self.width):
+            return False
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        own = self._frames[index]
+        given = frames[index.to(frames.device)].movedim(-1, 1).to(own.device, own.dtype)
+        return bool((own - given).abs().flatten(1).mean(1).max() <= tolerance)
+
     def __repr__(self):
         return (f"VideoFlow({self.num_frames} frames {self.width}x{self.height}, {self.estimator!r}, "
                 f"{len(self._pairs)} directed pairs cached)")

@@ -95,6 +95,18 @@ class GramReference:
         return sum(t.numel() * t.element_size() for t in (self.gram, self.tokens, self.constant) if t is not None)
 
 
+class BranchGramReference:
+    """The spatial loss of a feature holding several CFG branches ([chunks*N, C, h, w], chunk b = `references[b]`'s
+    branch) against one `GramReference` per branch: the mean of the per-chunk losses (= the mean over all samples)."""
+
+    def __init__(self, references: Sequence[GramReference]):
+        self.references = list(references)
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        chunks = features.chunk(len(self.references))
+        return torch.stack([r.loss(c) for r, c in zip(self.references, chunks)]).mean()
+
+
 def temporal_loss(features: torch.Tensor, flows: CyclicFlows) -> torch.Tensor:
     """Mean over chunks and adjacent pairs k -> k+1 of |(f_{k+1} - warp(f_k, backward[k])) (1 - occ)|, with the
     flows on the feature grid (`CyclicFlows.resized`). `features` [chunks*N, C, h, w]."""
@@ -136,15 +148,29 @@ def _losses(x, gram_reference, flows, spatial_weight, temporal_weight):
     return spatial, temporal
 
 
-def optimize_feature(feature: torch.Tensor, gram_reference: Optional[GramReference] = None,
+def _objective(terms) -> torch.Tensor:
+    return sum(term for term in terms if term is not None)
+
+
+def _keep_better(x, loss, best, best_loss):
+    """The iterate with the lower objective, chosen on the device (no sync per iteration)."""
+    better = loss.detach() < best_loss
+    return torch.where(better, x.detach(), best), torch.minimum(loss.detach(), best_loss)
+
+
+def optimize_feature(feature: torch.Tensor, gram_reference=None,
                      flows: Optional[CyclicFlows] = None, iterations: int = ITERATIONS,
                      lr: float = LEARNING_RATE, spatial_weight: float = SPATIAL_WEIGHT,
                      temporal_weight: float = TEMPORAL_WEIGHT) -> Tuple[torch.Tensor, OptimizationReport]:
-    """Optimise one layer's feature [chunks*N, C, h, w] with Adam for `iterations` steps of `lr` against the spatial
-    loss (iff `gram_reference`) and the temporal loss (iff `flows`, any resolution: resized here), then restore its
-    original per-channel statistics. Returns the new feature (same dtype and device; a normal tensor even when
-    called under inference mode) and the weighted losses of the input and of the returned feature. Works inside
-    torch.inference_mode."""
+    """Optimise one layer's feature [chunks*N, C, h, w] with Adam for `iterations` steps against the spatial loss
+    (iff `gram_reference`: a `GramReference` or `BranchGramReference`) and the temporal loss (iff `flows`, any
+    resolution: resized here), then restore its original per-channel statistics.
+
+    With a fixed rate Adam moves each entry by about the rate per step, also near the optimum, and oscillates on
+    the L1 flow loss when the residuals are smaller than the rate; so the iterate with the lowest objective is
+    kept, the input among them: the objective never goes up. Returns the new feature (same
+    dtype and device; a normal tensor even when called under inference mode) and the weighted losses of the input
+    and of the returned feature. Works inside torch.inference_mode."""
     if iterations < 0:
         raise ValueError(f"feature optimisation iterations must be >= 0, got {iterations}")
     if lr <= 0:
@@ -158,13 +184,16 @@ def optimize_feature(feature: torch.Tensor, gram_reference: Optional[GramReferen
         x = original.clone().requires_grad_(True)
         before = _losses(x.detach(), gram_reference, flows, spatial_weight, temporal_weight)
         optimizer = torch.optim.Adam([x], lr=lr)
+        best, best_loss = original, _objective(before)
         for _ in range(iterations):
             optimizer.zero_grad(set_to_none=True)
-            loss = sum(term for term in _losses(x, gram_reference, flows, spatial_weight, temporal_weight)
-                       if term is not None)
+            loss = _objective(_losses(x, gram_reference, flows, spatial_weight, temporal_weight))
+            best, best_loss = _keep_better(x, loss, best, best_loss)
             loss.backward()
             optimizer.step()
-        optimized = restore_statistics(x.detach(), original)
+        final = _objective(_losses(x.detach(), gram_reference, flows, spatial_weight, temporal_weight))
+        best, _ = _keep_better(x, final, best, best_loss)
+        optimized = restore_statistics(best, original)
         after = _losses(optimized, gram_reference, flows, spatial_weight, temporal_weight)
     report = OptimizationReport(*(None if value is None else float(value)
                                   for value in (before[0], after[0], before[1], after[1])))
