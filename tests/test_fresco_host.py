@@ -192,3 +192,35 @@ def test_bad_input_is_refused_before_any_model_call(host, case, inputs, message)
     with pytest.raises(Exception, match=message):
         run_fresco(host, recorder.model, frames, **inputs)
     assert recorder.calls == []
+
+
+def test_every_host_sampler_runs_fresco_or_is_refused_by_name(host):
+    """The sweep over comfy.samplers.KSampler.SAMPLERS (one test, the list read from the host): refused samplers
+    are refused before any model call; every other one renders two batches with every component on (smoothing
+    included) and finite results, its anchor slots holding the previous batch's latents at every evaluation."""
+    import comfy.samplers
+    steered = host.pack_module("nodes.steered_sampling")
+    size = 32
+    frames = torch.rand(5, size, size, 3, generator=torch.Generator().manual_seed(3))
+    flow = still_flow(host, frames)
+    everything = dict(EVERYTHING_ON, smoothing_start=0.5, smoothing_end=1.0, spatial_guided_steps=0,
+                      spatial_loss=False)  # no reference pass: every model call belongs to a batch's sampling
+    swept = 0
+    for sampler_name in comfy.samplers.KSampler.SAMPLERS:
+        recorder = ModelCalls(tiny_sd15(0))
+        args = dict(vae=tiny_sd_vae(0), flow=flow, mask=torch.zeros(1, size, size), components=everything,
+                    sampler_name=sampler_name, scheduler="karras", steps=3, denoise=1.0, iterations=1)
+        if sampler_name in steered.REFUSED_SAMPLERS:
+            with pytest.raises(ValueError, match=sampler_name):
+                run_fresco(host, recorder.model, frames, **args)
+            assert recorder.calls == [], sampler_name
+            continue
+        images, _ = run_fresco(host, recorder.model, frames, **args)
+        assert images.shape == (5, size, size, 3) and torch.isfinite(images).all(), sampler_name
+        first = [x for _, x in recorder.calls if x.shape[0] == 3]   # batch (0, 1, 2)
+        second = [x for _, x in recorder.calls if x.shape[0] == 4]  # batch (0, 2, 3, 4)
+        assert len(first) == len(second) >= 3, sampler_name
+        for a, b in zip(first, second):
+            assert torch.equal(b[0], a[0]) and torch.equal(b[1], a[2]), sampler_name
+        swept += 1
+    assert swept >= 20

@@ -11,7 +11,7 @@ FULL_PIPELINE = WORKFLOWS / "api" / "rerender_full_pipeline.json"
 # (node class, input, bad value, what the error must say): each needs only the node's own widget values. Nodes that
 # are not in the full pipeline are taken from their own workflow (WORKFLOW_OF).
 WORKFLOW_OF = {"Rerender_TokenFlowSampler": "rerender_tokenflow", "Rerender_Inversion": "rerender_tokenflow",
-               "Rerender_TuneAVideo": "rerender_tune_a_video"}
+               "Rerender_TuneAVideo": "rerender_tune_a_video", "Rerender_FrescoKeyFrames": "rerender_fresco_pipeline"}
 WIDGET_MISTAKES = [
     ("Rerender_PatchPropagator", "patch_size", 4, "`patch_size` must be odd"),
     ("Rerender_PatchPropagator", "patch_size", 17, "above its maximum"),
@@ -26,6 +26,9 @@ WIDGET_MISTAKES = [
     ("Rerender_TokenFlowSampler", "chunk_size", 0, "below its minimum"),
     ("Rerender_TuneAVideo", "steps", 0, "steps"),
     ("Rerender_TuneAVideo", "learning_rate", -1.0, "learning_rate"),
+    ("Rerender_FrescoKeyFrames", "batch_size", 2, "below its minimum"),
+    ("Rerender_FrescoKeyFrames", "sampler_name", "dpm_fast", "dpm_fast"),
+    ("Rerender_FrescoKeyFrames", "learning_rate", 0.0, "below its minimum"),
 ]
 
 

@@ -26,9 +26,15 @@ TINY_OVERRIDES = {
     "Rerender_Inversion": {"steps": 3, "inversion_steps": 3},
     "Rerender_TokenFlowSampler": {"steps": 3, "chunk_size": 2},
     "BasicScheduler": {"steps": 3},
+    "Rerender_FrescoKeyFrames": {"steps": 3, "iterations": 2},
 }
-HEADLESS_SETS = ["ImageScale.width=64", "ImageScale.height=64", "Rerender_KeyframePicker.interval=3",
-                 "Rerender_KeyframeSampler.steps=3"]
+HEADLESS_SETS = {"rerender_full_pipeline": ["ImageScale.width=64", "ImageScale.height=64",
+                                            "Rerender_KeyframePicker.interval=3", "Rerender_KeyframeSampler.steps=3"],
+                 "rerender_fresco_pipeline": ["ImageScale.width=64", "ImageScale.height=64",
+                                              "Rerender_KeyframePicker.s_min=2", "Rerender_KeyframePicker.s_max=3",
+                                              "Rerender_FrescoKeyFrames.steps=3",
+                                              "Rerender_FrescoKeyFrames.iterations=2"]}
+HEADLESS_PROGRESS = {"rerender_full_pipeline": "key frame", "rerender_fresco_pipeline": "batch 1/1"}
 
 
 def for_tiny_models(prompt: dict) -> dict:
@@ -57,7 +63,8 @@ def saved_files(server, entry):
             if item.get("type", "output") == "output"]  # previews (type "temp") are not saved files
 
 
-@pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only", "rerender_tokenflow"])
+@pytest.mark.parametrize("name", ["rerender_full_pipeline", "rerender_propagation_only", "rerender_tokenflow",
+                                  "rerender_fresco_pipeline"])
 def test_video_workflow_runs_and_keeps_frame_count_and_rate(server, name):
     prompt = for_tiny_models(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
     messages, entry = server.queue(prompt)
@@ -81,16 +88,18 @@ def run_headless(*args):
     return subprocess.run([sys.executable, str(HEADLESS), *args], capture_output=True, text=True, timeout=900)
 
 
-def test_headless_command_writes_the_video(server, tmp_path):
+@pytest.mark.parametrize("name", list(HEADLESS_SETS))
+def test_headless_command_writes_the_video(server, tmp_path, name):
     output = tmp_path / "styled.mp4"
-    sets = [arg for item in HEADLESS_SETS for arg in ("--set", item)]
+    sets = [arg for item in HEADLESS_SETS[name] for arg in ("--set", item)]
+    workflow = [] if name == "rerender_full_pipeline" else ["--workflow", str(WORKFLOWS / "api" / f"{name}.json")]
     done = run_headless("--server", server.url, "--video", str(server.base / "input" / "clip.mp4"),
                         "--output", str(output), "--checkpoint", "tiny_sd15.safetensors",
-                        "--controlnet", "tiny_control.safetensors", "--prompt", "a pencil sketch", *sets)
+                        "--controlnet", "tiny_control.safetensors", "--prompt", "a pencil sketch", *workflow, *sets)
     assert done.returncode == 0, done.stderr[-3000:]
     frames, fps = video_frames_and_fps(output)
     assert frames == CLIP_FRAMES and fps == pytest.approx(CLIP_FPS, abs=0.01)
-    assert "key frame" in done.stderr  # the terminal progress line showed the sampler's key frames
+    assert HEADLESS_PROGRESS[name] in done.stderr  # the terminal progress line showed the key frames / batches
 
 
 def test_headless_command_explains_a_missing_server(tmp_path, shared_data):

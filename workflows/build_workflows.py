@@ -142,6 +142,8 @@ def to_api(workflow: Workflow, definitions: dict, titles: dict) -> dict:
     by_key = {n.key: n for n in workflow.nodes}
 
     def source(key, slot):
+        """[id, slot] of what feeds a link; None when a bypassed node has no input of the output's type to pass
+        through (the editor then leaves the input unconnected)."""
         # a bypassed node passes its first input of the same type through, as the editor does
         while key not in active:
             node = by_key[key]
@@ -151,7 +153,7 @@ def to_api(workflow: Workflow, definitions: dict, titles: dict) -> dict:
                     key, slot = node.links[name]
                     break
             else:
-                raise ValueError(f"bypassed {node.class_type} cannot pass {out_type} through")
+                return None
         return [ids[key], slot]
 
     prompt = {}
@@ -159,7 +161,13 @@ def to_api(workflow: Workflow, definitions: dict, titles: dict) -> dict:
         if node.bypass:
             continue
         inputs = dict(resolve(node, definitions[node.class_type]))
-        inputs.update({name: source(*link) for name, link in node.links.items()})
+        optional = definitions[node.class_type]["input"].get("optional", {})
+        for name, link in node.links.items():
+            fed = source(*link)
+            if fed is None and name not in optional:
+                raise ValueError(f"{node.class_type}.{name} is fed by a bypassed node that cannot pass it through")
+            if fed is not None:
+                inputs[name] = fed
         inputs.update(node.api_extra)
         prompt[ids[node.key]] = {"class_type": node.class_type, "inputs": inputs,
                                  "_meta": {"title": titles[node.class_type]}}
@@ -416,7 +424,43 @@ def shipped_workflows() -> list:
                    "edit_prompt", "negative", "guider", "sampler_select", "schedule", "ksampler"],
                "Output": ["decode", "create", "save"]},
         title="Rerender - Tune-A-Video")
-    return [full, propagation, img2img, roundtrip, tokenflow, tune_a_video]
+    fresco = Workflow("rerender_fresco_pipeline", input_video + [
+        Node("picker", "Rerender_KeyframePicker", values={"mode": "adaptive", "s_min": 5, "s_max": 20},
+             links={"frames": ("scale", 0)}),
+        Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
+        Node("canny", "Canny", links={"image": ("scale", 0)}),
+        Node("background_model", "LoadBackgroundRemovalModel", bypass=True),
+        Node("foreground", "RemoveBackground", bypass=True,
+             links={"bg_removal_model": ("background_model", 0), "image": ("scale", 0)}),
+        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("positive", "CLIPTextEncode", values={"text": "a beautiful oil painting, best quality, "
+                                                           "extremely detailed"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("negative", "CLIPTextEncode", values={"text": "longbody, lowres, bad anatomy, bad hands, "
+                                                           "missing fingers, cropped, worst quality"},
+             links={"clip": ("checkpoint", 1)}),
+        Node("controlnet", "ControlNetLoader", values={"control_net_name": "control_v11p_sd15_canny.pth"}),
+        Node("apply_controlnet", "ControlNetApplyAdvanced",
+             values={"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+             links={"positive": ("positive", 0), "negative": ("negative", 0), "control_net": ("controlnet", 0),
+                    "image": ("canny", 0), "vae": ("checkpoint", 2)}),
+        Node("fresco", "Rerender_FrescoKeyFrames",
+             links={"model": ("checkpoint", 0), "positive": ("apply_controlnet", 0),
+                    "negative": ("apply_controlnet", 1), "vae": ("checkpoint", 2), "frames": ("scale", 0),
+                    "keyframes": ("picker", 1), "flow": ("flow", 0), "mask": ("foreground", 0)}),
+        Node("propagator", "Rerender_PatchPropagator",
+             links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("fresco", 0),
+                    "flow": ("flow", 0)}),
+        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("components", 2)}),
+        Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
+    ], groups={"Input video": ["load", "components", "scale"],
+               "Key frames (adaptive), flow, hints": ["picker", "flow", "canny"],
+               "Foreground mask (bypassed: needs a model)": ["background_model", "foreground"],
+               "Model and prompts": ["checkpoint", "positive", "negative", "controlnet"],
+               "FRESCO key frames": ["apply_controlnet", "fresco"],
+               "Propagation and output": ["propagator", "create", "save"]},
+        title="Rerender - FRESCO")
+    return [full, propagation, img2img, roundtrip, tokenflow, tune_a_video, fresco]
 
 
 def build(nodes_module) -> list:

@@ -242,7 +242,8 @@ class ProgressLine:
             self.node = data.get("node", self.node)
             self.show(data["value"], data["max"])
         elif kind == "rerender.keyframe_progress":
-            self.detail = f"  key frame {data['key_frame'] + 1}/{data['total']} (frame {data['frame_index']})"
+            self.detail = (f"  {data['text']}" if "text" in data else
+                           f"  key frame {data['key_frame'] + 1}/{data['total']} (frame {data['frame_index']})")
             self.show()
 
     def close(self):
