@@ -289,6 +289,8 @@ class FrescoPass(SteeringHooks):
         comfy.model_management.throw_exception_if_processing_interrupted()
         r = self.renderer
         r.patches.components = r.components(evaluation.step)
+        if r.last_spatial_step is not None and evaluation.step > r.last_spatial_step:
+            r.patches.geometry.drop_attention_reference()  # spatial-guided attention is over for this batch
         if not (self.batch.anchors or self.batch.record):
             return None
         return r.anchors.apply(self.batch, evaluation.key.index, state)
@@ -297,8 +299,6 @@ class FrescoPass(SteeringHooks):
         r = self.renderer
         if not evaluation.starts_step:
             return denoised
-        if evaluation.step == r.last_spatial_step:
-            r.patches.geometry.drop_attention_reference()  # spatial-guided attention is over for this batch
         edited = denoised
         if evaluation.step in r.smoothing_steps and r.patches.geometry.background is not None:
             edited = r.smooth_x0(denoised)

@@ -196,15 +196,15 @@ def test_bad_input_is_refused_before_any_model_call(host, case, inputs, message)
 
 def test_every_host_sampler_runs_fresco_or_is_refused_by_name(host):
     """The sweep over comfy.samplers.KSampler.SAMPLERS (one test, the list read from the host): refused samplers
-    are refused before any model call; every other one renders two batches with every component on (smoothing
-    included) and finite results, its anchor slots holding the previous batch's latents at every evaluation."""
+    are refused before any model call; every other one renders two batches with every component on (smoothing and
+    spatial-guided attention over two steps included, so multi-evaluation steps meet every component) and finite
+    results, its anchor slots holding the previous batch's latents at every evaluation."""
     import comfy.samplers
     steered = host.pack_module("nodes.steered_sampling")
     size = 32
     frames = torch.rand(5, size, size, 3, generator=torch.Generator().manual_seed(3))
     flow = still_flow(host, frames)
-    everything = dict(EVERYTHING_ON, smoothing_start=0.5, smoothing_end=1.0, spatial_guided_steps=0,
-                      spatial_loss=False)  # no reference pass: every model call belongs to a batch's sampling
+    everything = dict(EVERYTHING_ON, smoothing_start=0.5, smoothing_end=1.0, spatial_guided_steps=2)
     swept = 0
     for sampler_name in comfy.samplers.KSampler.SAMPLERS:
         recorder = ModelCalls(tiny_sd15(0))
@@ -217,10 +217,45 @@ def test_every_host_sampler_runs_fresco_or_is_refused_by_name(host):
             continue
         images, _ = run_fresco(host, recorder.model, frames, **args)
         assert images.shape == (5, size, size, 3) and torch.isfinite(images).all(), sampler_name
-        first = [x for _, x in recorder.calls if x.shape[0] == 3]   # batch (0, 1, 2)
-        second = [x for _, x in recorder.calls if x.shape[0] == 4]  # batch (0, 2, 3, 4)
-        assert len(first) == len(second) >= 3, sampler_name
+        # batch (0, 1, 2) and batch (0, 2, 3, 4), each its reference pass (the same noised frames) and sampling
+        first = [x for _, x in recorder.calls if x.shape[0] == 3]
+        second = [x for _, x in recorder.calls if x.shape[0] == 4]
+        assert len(first) == len(second) >= 4, sampler_name
         for a, b in zip(first, second):
             assert torch.equal(b[0], a[0]) and torch.equal(b[1], a[2]), sampler_name
         swept += 1
     assert swept >= 20
+
+
+def test_smoothing_with_an_all_foreground_mask_changes_nothing(host):
+    frames = (clip(1) + 0.05 * clip(3, seed=1)).clamp(0, 1)  # alike frames: the still flow passes the photometric test
+    smoothing_only = dict(ALL_OFF, smoothing_start=0.5, smoothing_end=1.0)
+    off, _ = run_fresco(host, tiny_sd15(0), frames, flow=still_flow(host, frames), components=ALL_OFF)
+    kept, _ = run_fresco(host, tiny_sd15(0), frames, flow=still_flow(host, frames), components=smoothing_only,
+                         mask=torch.ones(1, SIZE, SIZE))
+    smoothed, _ = run_fresco(host, tiny_sd15(0), frames, flow=still_flow(host, frames), components=smoothing_only,
+                             mask=torch.zeros(1, SIZE, SIZE))
+    assert torch.equal(kept, off)
+    assert not torch.equal(smoothed, off)  # the same steps with a background do smooth
+
+
+def test_another_packs_attention_replacement_runs_where_fresco_is_off(host):
+    """A replacement already installed on a FRESCO layer is called for that layer whenever FRESCO's attention is
+    off, and the result is then exactly the replacement's (here: the host's attention, so KSampler's result)."""
+    from comfy.ldm.modules.attention import optimized_attention
+    calls = []
+
+    def replacement(q, k, v, extra_options):
+        calls.append(extra_options["block"])
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    model = tiny_sd15(0)
+    patched = model.clone()
+    patched.set_model_attn1_replace(replacement, "output", 6, 0)
+    frames = clip(3)
+    _, latent = run_fresco(host, patched, frames)
+    assert calls and set(calls) == {("output", 6)}
+    (plain,) = host.nodes.VAEEncode().encode(tiny_sd_vae(0), frames[:1])
+    (expected,) = host.nodes.KSampler().sample(patched, SEED, 4, 5.0, "ddim", "ddim_uniform", conditioning(0),
+                                               conditioning(1), plain, denoise=0.75)
+    assert (latent["samples"][:1] - expected["samples"]).abs().max() <= 1e-4 * expected["samples"].abs().max()
