@@ -112,8 +112,8 @@ def fresco_layers(model) -> List[LayerKey]:
             for index, transformer in enumerate(spatial.transformer_blocks):
                 if isinstance(transformer, BasicTransformerBlock) and not transformer.disable_self_attn:
                     attended.append((levels[number], ("output", number, index)))
-    finest = sorted({level for level, _ in attended})[-2:]
-    return [key for level, key in attended if level in finest]
+    finest = max(levels)
+    return [key for level, key in attended if level >= finest - 1]
 
 
 def up_block_inputs(model) -> List[int]:

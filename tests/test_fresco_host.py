@@ -259,3 +259,22 @@ def test_another_packs_attention_replacement_runs_where_fresco_is_off(host):
     (expected,) = host.nodes.KSampler().sample(patched, SEED, 4, 5.0, "ddim", "ddim_uniform", conditioning(0),
                                                conditioning(1), plain, denoise=0.75)
     assert (latent["samples"][:1] - expected["samples"]).abs().max() <= 1e-4 * expected["samples"].abs().max()
+
+
+def test_sdxl_layout_runs_with_everything_on_and_equals_ksampler_with_everything_off(host):
+    """FRESCO on the tiny SDXL-architecture UNet (adm conditioning, 3 decoder levels: its 640-channel layers are
+    guided): all off is KSampler img2img, everything on renders finite frames."""
+    from tiny_models import sdxl_conditioning, tiny_sdxl
+    model, vae, frames = tiny_sdxl(0), tiny_sd_vae(0), (clip(1) + 0.05 * clip(3, seed=1)).clamp(0, 1)
+    selection = keyframes(host, range(3), 3)
+    common = dict(NODE_DEFAULTS, model=model, positive=sdxl_conditioning(0), negative=sdxl_conditioning(1),
+                  vae=vae, frames=frames, keyframes=selection, flow=still_flow(host, frames))
+    _, latent = host.run_node("Rerender_FrescoKeyFrames", **common, **ALL_OFF)
+    (plain,) = host.nodes.VAEEncode().encode(vae, frames[1:2])
+    (expected,) = host.nodes.KSampler().sample(model, SEED, 4, 5.0, "ddim", "ddim_uniform", sdxl_conditioning(0),
+                                               sdxl_conditioning(1), plain, denoise=0.75)
+    assert (latent["samples"][1:2] - expected["samples"]).abs().max() <= 1e-4 * expected["samples"].abs().max()
+    images, _ = host.run_node("Rerender_FrescoKeyFrames", **common, **EVERYTHING_ON,
+                              mask=torch.zeros(1, SIZE, SIZE))
+    assert torch.isfinite(images).all()
+    assert "feature optimisation, spatial loss" in "\n".join(host.last_ui["text"])
