@@ -91,3 +91,25 @@ def test_sampler_starts_a_new_anchor_at_the_cut(host, shared_data):
     assert torch.equal(latents[:join], first_alone)
     _, one_shot, _ = render(frames, KeyFrameSelection(tuple(range(len(frames))), len(frames)))
     assert not torch.equal(one_shot[join:], alone)                      # the constraints do reach across otherwise
+
+
+def test_a_workflow_saved_before_cuts_existed_still_runs_on_the_server(server):
+    """The two inputs are optional: an API prompt without them is accepted and runs as before; with split_at_cuts
+    on, the node's result carries the cut line the editor shows."""
+    import json
+    from test_workflows_host import WORKFLOWS, for_tiny_models
+    full = for_tiny_models(json.loads((WORKFLOWS / "api" / "rerender_fidelity_roundtrip.json").read_text()))
+    picker = next(key for key, node in full.items() if node["class_type"] == "Rerender_KeyframePicker")
+    preview = next(key for key, node in full.items() if node["class_type"] == "PreviewAny")
+    image = full[picker]["inputs"]["frames"][0]
+    prompt = {key: full[key] for key in (image, picker, preview)}
+    for name in ("split_at_cuts", "cut_threshold"):
+        del prompt[picker]["inputs"][name]
+    _, entry = server.queue(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"][picker]["rerender_indices"] == ["0"] and "rerender_report" not in entry["outputs"][picker]
+
+    prompt[picker]["inputs"]["split_at_cuts"] = True
+    _, entry = server.queue(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"][picker]["rerender_report"][0].startswith("no shot cut")
