@@ -89,9 +89,9 @@ class CrossFrameAttention:
 
     The key frame sampler drives it: `start_run(schedule)` once per run, `new_anchor()` before each shot's anchor,
     `mode` per pass, `evaluation` before each model evaluation (None: inert), `commit_anchor` after the anchor, and
-    `end_run()` in a `finally` (it frees every cache). The anchor pass records; a key frame pass substitutes [anchor; previous] and, where
-    `records_previous(evaluation)`, replaces the previous key frame's entry by its own (the entry was just read and
-    is not needed again). Outside a run it is inert."""
+    `end_run()` in a `finally` (it frees every cache). The anchor pass records; a key frame pass substitutes
+    [anchor; previous] and, where `records_previous(evaluation)`, replaces the previous key frame's entry by its own
+    (the entry was just read and is not needed again). Outside a run it is inert."""
 
     def __init__(self, layers: Collection[LayerKey], start: float, end: float, dtype: Optional[torch.dtype] = None):
         if not layers:
