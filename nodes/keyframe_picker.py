@@ -3,7 +3,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..rerender.keyframes import adaptive_keyframes, check_index_list, parse_index_list, uniform_keyframes
+from ..rerender.keyframes import (DEFAULT_CUT_THRESHOLD, adaptive_keyframes, check_index_list, detect_cuts,
+                                  parse_index_list, uniform_keyframes)
 from .types import KeyFrames
 from .validation import outside_declared
 
@@ -21,6 +22,17 @@ def frame_size_note(frames) -> list:
     fit = f"{width // LATENT_SCALE * LATENT_SCALE}x{height // LATENT_SCALE * LATENT_SCALE}"
     return [f"frames are {width}x{height}: the Key Frame Sampler needs width and height divisible by the VAE's "
             f"scale ({LATENT_SCALE} for SD1.5); scale them to e.g. {fit} first"]
+
+
+def cut_report(cuts: tuple, distances, threshold: float) -> list:
+    """The line the node shows about shots: where the cuts are and how clear each was, or how close the clip came
+    to one (so that the threshold can be tuned)."""
+    if not cuts:
+        peak = int(distances.argmax()) if len(distances) > 1 else 0
+        return [f"no shot cut (largest colour change {distances[peak]:.2f} at frame {peak}; threshold "
+                f"{threshold:.2f})"]
+    listed = ", ".join(f"{c} ({distances[c]:.2f})" for c in cuts)
+    return [f"{len(cuts) + 1} shots; cuts before frames {listed}"]
 
 
 class KeyframePicker(io.ComfyNode):
@@ -52,6 +64,17 @@ class KeyframePicker(io.ComfyNode):
                                 tooltip="list mode: VideoHelperSuite index syntax - comma-separated indices "
                                         "(negative counts from the end) and start:stop:step ranges, e.g. "
                                         "'0,10,25' or '0:80:10'. Must be increasing."),
+                io.Boolean.Input("split_at_cuts", default=False, optional=True,
+                                 tooltip="Detect shot cuts and treat each shot as its own clip: key frames restart "
+                                         "at every shot (uniform, adaptive) and both frames beside every cut become "
+                                         "key frames (any mode), so that nothing downstream reaches across a cut. "
+                                         "The cuts found are shown on the node."),
+                io.Float.Input("cut_threshold", default=DEFAULT_CUT_THRESHOLD, min=0.01, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="split_at_cuts: a cut lies between two consecutive frames when more than "
+                                       "this fraction of their colours differs (colour histogram distance: 0 = "
+                                       "the same colours, 1 = none in common). Lower finds more cuts; within a "
+                                       "shot the change is usually below 0.1."),
             ],
             outputs=[
                 io.Image.Output("key_frames", display_name="key_frames",
@@ -64,9 +87,9 @@ class KeyframePicker(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, s_min, s_max, index_list):
+    def validate_inputs(cls, mode, s_min, s_max, index_list, cut_threshold=None):
         """The checks that need no frames, at queue time (POST /prompt), for the chosen mode only."""
-        problem = outside_declared(cls, s_min=s_min, s_max=s_max)
+        problem = outside_declared(cls, s_min=s_min, s_max=s_max, cut_threshold=cut_threshold)
         if problem is not None:
             return problem
         if mode == "adaptive" and s_min > s_max:
@@ -79,32 +102,44 @@ class KeyframePicker(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, frames, mode, interval, include_last, s_min, s_max, index_list) -> io.NodeOutput:
+    def execute(cls, frames, mode, interval, include_last, s_min, s_max, index_list, split_at_cuts=False,
+                cut_threshold=DEFAULT_CUT_THRESHOLD) -> io.NodeOutput:
         num_frames = frames.shape[0]
         if num_frames == 0:
             raise ValueError("Key Frame Picker: `frames` is an empty batch; connect the video's frames.")
+        if split_at_cuts:
+            problem = outside_declared(cls, cut_threshold=cut_threshold)  # a linked threshold is only known now
+            if problem is not None:
+                raise ValueError(f"Key Frame Picker: {problem}.")
+        if mode not in MODES:
+            raise ValueError(f"Key Frame Picker: unknown mode '{mode}'; use one of {MODES}.")
+        if mode == "adaptive" and s_min > s_max:
+            raise ValueError(f"Key Frame Picker: s_min ({s_min}) is larger than s_max ({s_max}); set s_min <= s_max.")
+        interrupt = comfy.model_management.throw_exception_if_processing_interrupted
+        passes = int(split_at_cuts) + int(mode == "adaptive")
+        progress = comfy.utils.ProgressBar(passes * num_frames) if passes else None
+        cuts, report = (), []
+        if split_at_cuts:
+            cuts, distances = detect_cuts(frames, cut_threshold, interrupt, progress.update_absolute)
+            report = cut_report(cuts, distances, cut_threshold)
         if mode == "uniform":
-            selection = uniform_keyframes(num_frames, interval, include_last)
+            selection = uniform_keyframes(num_frames, interval, include_last, cuts)
         elif mode == "list":
-            selection = parse_index_list(index_list, num_frames)
-        elif mode == "adaptive":
-            if s_min > s_max:
-                raise ValueError(f"Key Frame Picker: s_min ({s_min}) is larger than s_max ({s_max}); "
-                                 "set s_min <= s_max.")
-            progress = comfy.utils.ProgressBar(num_frames)
+            selection = parse_index_list(index_list, num_frames, cuts)
+        else:
+            done_before = num_frames * int(split_at_cuts)
 
             def frames_with_progress():
                 for i in range(num_frames):
                     yield frames[i].cpu().numpy()
-                    progress.update_absolute(i + 1)
+                    progress.update_absolute(done_before + i + 1)
 
-            selection = adaptive_keyframes(frames_with_progress(), s_min, s_max,
-                                           comfy.model_management.throw_exception_if_processing_interrupted)
-        else:
-            raise ValueError(f"Key Frame Picker: unknown mode '{mode}'; use one of {MODES}.")
+            selection = adaptive_keyframes(frames_with_progress(), s_min, s_max, interrupt, cuts)
         text = selection.as_string()
-        return io.NodeOutput(frames[list(selection.indices)].clone(), selection, text,
-                             ui={"rerender_indices": [text], "rerender_notes": frame_size_note(frames)})
+        ui = {"rerender_indices": [text], "rerender_notes": frame_size_note(frames)}
+        if split_at_cuts:
+            ui["rerender_report"] = report
+        return io.NodeOutput(frames[list(selection.indices)].clone(), selection, text, ui=ui)
 
 
 NODES = [KeyframePicker]

@@ -1,11 +1,13 @@
 """Host-bound orchestration of Rerender's key frame translation (reference §1.3-1.9b) on any host sampler.
 
-Per run: the anchor (the first selected key frame) is rendered once with plain attention while its attention
-inputs and x̂0 per model evaluation are cached; every later key frame, in order, gets
+Per run and per shot (the key frame selection's shots; one without cuts): the shot's anchor (its first key frame)
+is rendered once with plain attention while its attention inputs and x̂0 per model evaluation are cached; every
+later key frame of the shot, in order, gets
   rough pass  - cross-frame attention, AdaIN and shape-aware x̂0 fusion,
   pixel reference from the warped anchor / previous outputs, fidelity encode E*, then
   final pass  - the same plus the pre-UNet blend toward the noised reference in the pixel-fusion steps;
-the final pass also refreshes the "previous key frame" attention cache.
+the final pass also refreshes the "previous key frame" attention cache. A new shot starts from a new anchor with
+empty caches, so no constraint reads a frame of another shot.
 
 Each pass is ONE call of the host's sampler over the whole schedule (steered_sampling): the blend and the x̂0
 edits change the state the model is evaluated at from inside that call, so no step is skipped, multistep history
@@ -265,7 +267,7 @@ class KeyframeRenderer:
 
     def _check_flow_needed(self) -> None:
         uses_flow = self.schedule.executed_steps(self.shape_steps) or self.blend_steps
-        if self.flow is None and uses_flow and len(self.keyframes.indices) > 1:
+        if self.flow is None and uses_flow and any(len(keys) > 1 for keys in self.keyframes.shot_keys()):
             raise ValueError(f"{NODE_NAME}: shape-aware or pixel-aware fusion is on but no `flow` is connected; "
                              f"connect the flow of these frames, or set those periods' start >= end.")
 
@@ -300,10 +302,10 @@ class KeyframeRenderer:
 
     def _count_units(self) -> int:
         executed = len(self.schedule.executed) - 1
-        keys = len(self.keyframes.indices)
+        keys, anchors = len(self.keyframes.indices), len(self.keyframes.shot_keys())
         final = executed - (self.blend_steps[0] - self.schedule.first_step) if self.blend_steps else 0
         color = 0 if self.settings.color_preserve else self.schedule.total_steps
-        return color + executed * keys + final * (keys - 1)
+        return color * anchors + executed * keys + final * (keys - anchors)
 
     # ------------------------------------------------------------------------------------------------------- run
     def run(self) -> Tuple[torch.Tensor, torch.Tensor, RenderStats]:
@@ -327,17 +329,29 @@ class KeyframeRenderer:
                                          f"the anchor has no x̂0 at that σ.")
 
     def _render(self):
-        indices = self.keyframes.indices
-        colour_reference = None if self.settings.color_preserve else self._colour_reference(indices[0])
+        images, latents = [], []
+        for keys in self.keyframes.shot_keys():
+            self._render_shot(keys, images, latents)
+        return torch.cat(images), torch.cat(latents), self.stats
+
+    def _render_shot(self, keys: tuple, images: list, latents: list) -> None:
+        """One shot's key frames, appended to `images`/`latents`: its own anchor (and colour reference), and no
+        cache, x̂0 or previous output carried over from another shot."""
+        anchor = keys[0]
+        colour_reference = None if self.settings.color_preserve else self._colour_reference(anchor)
         anchor_x0: Dict[int, tuple] = {}
-        self._announce(0, indices[0])
-        anchor_latent = self._render_anchor(indices[0], colour_reference, anchor_x0)
+        if self.attention is not None:
+            self.attention.new_anchor()
+        self._announce(len(images), anchor)
+        anchor_latent = self._render_anchor(anchor, len(keys) > 1, colour_reference, anchor_x0)
         anchor_image = self.vae.decode(anchor_latent)
-        images, latents = [anchor_image], [anchor_latent]
-        previous_index, previous_image = indices[0], anchor_image
-        for number, index in enumerate(indices[1:], start=1):
+        images.append(anchor_image)
+        latents.append(anchor_latent)
+        previous_index, previous_image = anchor, anchor_image
+        for index in keys[1:]:
+            number = len(images)
             self._announce(number, index)
-            latent = self._render_key_frame(number, index, previous_index, anchor_image, previous_image,
+            latent = self._render_key_frame(number, index, anchor, previous_index, anchor_image, previous_image,
                                             colour_reference, anchor_x0)
             image = self.vae.decode(latent)
             if self.attention is not None:
@@ -345,7 +359,6 @@ class KeyframeRenderer:
             images.append(image)
             latents.append(latent)
             previous_index, previous_image = index, image
-        return torch.cat(images), torch.cat(latents), self.stats
 
     def _announce(self, number: int, index: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -384,9 +397,9 @@ class KeyframeRenderer:
                               first_step=0)
         return self.vae.decode(latent)
 
-    def _render_anchor(self, index: int, colour_reference, anchor_x0) -> torch.Tensor:
+    def _render_anchor(self, index: int, record: bool, colour_reference, anchor_x0) -> torch.Tensor:
+        """`record`: keep the anchor's x̂0 for the shot's later key frames."""
         latent = self._encode_frame(index, colour_reference)
-        record = len(self.keyframes.indices) > 1
         hooks = KeyframePass(self, StepInfo(0, index, "anchor", 0, None, 0, 0), anchor_x0, record=record)
         if self.attention is not None:
             self.attention.mode = Mode.ANCHOR
@@ -396,15 +409,15 @@ class KeyframeRenderer:
             self._note_cache_size()
         return out
 
-    def _render_key_frame(self, number, index, previous_index, anchor_image, previous_image, colour_reference,
-                          anchor_x0) -> torch.Tensor:
+    def _render_key_frame(self, number, index, anchor_index, previous_index, anchor_image, previous_image,
+                          colour_reference, anchor_x0) -> torch.Tensor:
         """Rough pass, then (with pixel-aware fusion) the final pass, which replays the rough pass's model outputs
         up to the first blend step."""
         latent = self._encode_frame(index, colour_reference)
         conditioning = self._conditioning(index)
         fusion_field = None
         if self.schedule.executed_steps(self.shape_steps):
-            flow, occlusion = self.flow.pair(self.keyframes.indices[0], index)
+            flow, occlusion = self.flow.pair(anchor_index, index)
             fusion_field = tuple(t.to(self.device) for t in
                                  constraints.latent_warp_field(flow, occlusion, tuple(latent.shape[-2:])))
         info = StepInfo(number, index, "single" if not self.blend_steps else "rough", 0, None, 0, 0)
@@ -417,7 +430,7 @@ class KeyframeRenderer:
         if not self.blend_steps:
             return rough
 
-        target, mask = self._blend_target(index, previous_index, anchor_image, previous_image, rough,
+        target, mask = self._blend_target(index, anchor_index, previous_index, anchor_image, previous_image, rough,
                                           tuple(latent.shape[-2:]))
         final_pass = KeyframePass(self, dataclasses.replace(info, pass_name="final"), anchor_x0,
                                   fusion_field=fusion_field, blend=self._blend_function(target, mask, latent),
@@ -427,9 +440,9 @@ class KeyframeRenderer:
         return self._sample(self.model, latent, conditioning, final_pass, self.schedule.executed)
 
     # ------------------------------------------------------------------------------------ pixel-aware fusion (§1.6)
-    def _blend_target(self, index, previous_index, anchor_image, previous_image, rough_latent, latent_size):
+    def _blend_target(self, index, anchor_index, previous_index, anchor_image, previous_image, rough_latent,
+                      latent_size):
         """x_trg = E*(R) in the model's latent space and the latent validity mask M."""
-        anchor_index = self.keyframes.indices[0]
         rough_image = self.vae.decode(rough_latent)
         pixels = rough_image.device
         anchor_flow, anchor_occlusion = self.flow.pair(anchor_index, index, device=pixels)

@@ -62,7 +62,9 @@ class KeyframeSampler(io.ComfyNode):
                                             "channel count and scale)."),
                 io.Image.Input("frames", tooltip="The whole clip [N,H,W,3]; sides multiples of the VAE's scale."),
                 KeyFrames.Input("keyframes", tooltip="Which frames to render (from the Key Frame Picker); the "
-                                                     "first is the anchor and is part of the output."),
+                                                     "first is the anchor and is part of the output. With shot "
+                                                     "cuts, each shot's first key frame is the anchor of that "
+                                                     "shot's key frames."),
                 io.Int.Input("seed", default=d.seed, min=0, max=0xffffffffffffffff,
                              control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Noise seed; every key frame starts from the same noise, as the reference."),
@@ -151,8 +153,10 @@ class KeyframeSampler(io.ComfyNode):
             model, positive, negative, vae, frames, keyframes, flow, settings, on_step=on_step,
             on_key_frame=lambda number, index, total: send_key_frame_progress(node_id, number, index, total))
         images, latents, stats = renderer.run()
-        summary = (f"{len(keyframes.indices)} key frames; VAE {stats.vae_encodes} encodes + {stats.vae_decodes} "
-                   f"decodes ({stats.vae_seconds:.1f} s); attention cache peak "
+        anchors = [keys[0] for keys in keyframes.shot_keys()]
+        in_shots = f" in {len(anchors)} shots (anchors {', '.join(map(str, anchors))})" if len(anchors) > 1 else ""
+        summary = (f"{len(keyframes.indices)} key frames{in_shots}; VAE {stats.vae_encodes} encodes + "
+                   f"{stats.vae_decodes} decodes ({stats.vae_seconds:.1f} s); attention cache peak "
                    f"{stats.attention_cache_peak_bytes / 2 ** 20:.1f} MiB")
         logging.info("%s: %s", NODE_NAME, summary)
         report = [summary, *missing_attention_note(model), *stats.report]

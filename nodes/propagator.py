@@ -24,7 +24,9 @@ class PatchPropagator(io.ComfyNode):
                         "after it by guided patch matching, and the two results are blended where each is best.",
             inputs=[
                 io.Image.Input("frames", tooltip="The original video frames, as one image batch in frame order."),
-                KeyFrames.Input("keyframes", tooltip="Which frames are key frames (from Key Frame Picker)."),
+                KeyFrames.Input("keyframes",
+                                tooltip="Which frames are key frames (from Key Frame Picker); with its "
+                                        "split_at_cuts on, each shot is propagated from its own key frames only."),
                 io.Image.Input("key_frame_images",
                                tooltip="The rendered key frames, one per selected index, in order, at the video's "
                                        "size. Hand-made ones work too (an EbSynth replacement)."),
@@ -113,7 +115,8 @@ class PatchPropagator(io.ComfyNode):
             propagate.check_inputs(frames, list(indices), key_frame_images, flow)
         except ValueError as error:
             raise ValueError(f"Patch Propagator: {error}") from None
-        total = max(propagate.pass_frame_count(frames.shape[0], list(indices)), 1)
+        cuts = tuple(getattr(keyframes, "cuts", ()))  # shots: no pass reaches across a cut
+        total = max(propagate.pass_frame_count(frames.shape[0], list(indices), cuts), 1)
         progress = comfy.utils.ProgressBar(total)
 
         def on_frame(done: int) -> None:
@@ -121,7 +124,8 @@ class PatchPropagator(io.ComfyNode):
             progress.update_absolute(done, total)
 
         video = propagate.propagate_video(frames, indices, key_frame_images, flow, settings,
-                                          device=comfy.model_management.get_torch_device(), on_frame=on_frame)
+                                          device=comfy.model_management.get_torch_device(), on_frame=on_frame,
+                                          cuts=cuts)
         progress.update_absolute(total, total)
         return io.NodeOutput(video)
 

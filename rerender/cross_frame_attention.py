@@ -87,11 +87,11 @@ def cross_frame_inputs(current: torch.Tensor, anchor: torch.Tensor, previous: to
 class CrossFrameAttention:
     """What the decoder self-attention does during a key frame rendering run, and the caches it needs.
 
-    The key frame sampler drives it: `start_run(schedule)` once per run, `mode` per pass, `evaluation` before each
-    model evaluation (None: inert), `commit_anchor` after the anchor, and `end_run()` in a `finally` (it frees
-    every cache). The anchor pass records; a key frame pass substitutes [anchor; previous] and, where
-    `records_previous(evaluation)`, replaces the previous key frame's entry by its own (the entry was just read and
-    is not needed again). Outside a run it is inert."""
+    The key frame sampler drives it: `start_run(schedule)` once per run, `new_anchor()` before each shot's anchor,
+    `mode` per pass, `evaluation` before each model evaluation (None: inert), `commit_anchor` after the anchor, and
+    `end_run()` in a `finally` (it frees every cache). The anchor pass records; a key frame pass substitutes
+    [anchor; previous] and, where `records_previous(evaluation)`, replaces the previous key frame's entry by its own
+    (the entry was just read and is not needed again). Outside a run it is inert."""
 
     def __init__(self, layers: Collection[LayerKey], start: float, end: float, dtype: Optional[torch.dtype] = None):
         if not layers:
@@ -118,6 +118,12 @@ class CrossFrameAttention:
     def commit_anchor(self) -> None:
         """After the anchor pass: the anchor is also the first "previous key frame" (tensors shared, not copied)."""
         self.previous = self.anchor.shallow_copy()
+
+    def new_anchor(self) -> None:
+        """A new shot: forget the anchor and the previous key frame, so that the next anchor pass starts the
+        shot's caches from nothing (no entry of another shot can be read)."""
+        for cache in (self.anchor, self.previous):
+            cache.clear()
 
     def end_run(self) -> None:
         """Back to plain attention; free every cache."""

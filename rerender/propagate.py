@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -328,10 +328,43 @@ def check_inputs(frames: torch.Tensor, key_indices: Sequence[int], key_styles: t
                          f"these same frames")
 
 
-def pass_frame_count(num_frames: int, key_indices: Sequence[int]) -> int:
+class PassJob(NamedTuple):
+    """One pass: `kind` "forward"/"backward" (the two passes of `interval`, forward first) or "single" (frames
+    outside a shot's keys); it starts at key frame `key` (its position `slot` among the keys) and synthesises
+    `targets` in order, each from the one before it."""
+    kind: str
+    slot: int
+    key: int
+    targets: range
+    interval: Optional[tuple]
+
+
+def propagation_plan(num_frames: int, key_indices: Sequence[int], cuts: Sequence[int] = ()) -> list:
+    """Every pass the clip needs, shot by shot: inside a shot, both passes of each interval between consecutive
+    keys, and a single pass from its first key back to the shot's start and from its last key on to its end. No
+    pass starts or walks across a cut (the first frame of a shot), so no guide, flow pair or blend mixes shots.
+    Without cuts the whole clip is one shot. Passes with no target are left out."""
+    key_indices = [int(i) for i in key_indices]
+    bounds = [0, *(int(c) for c in cuts), num_frames]
+    jobs = []
+    for start, stop in zip(bounds, bounds[1:]):
+        slots = [slot for slot, key in enumerate(key_indices) if start <= key < stop]
+        if not slots:
+            raise ValueError(f"shot of frames {start}..{stop - 1} has no key frame; every shot needs one (the Key "
+                             f"Frame Picker's split_at_cuts keys both sides of every cut)")
+        first, last = key_indices[slots[0]], key_indices[slots[-1]]
+        jobs.append(PassJob("single", slots[0], first, range(first - 1, start - 1, -1), None))
+        for slot in slots[:-1]:
+            a, b = key_indices[slot], key_indices[slot + 1]
+            jobs += [PassJob("forward", slot, a, range(a + 1, b), (a, b)),
+                     PassJob("backward", slot + 1, b, range(b - 1, a, -1), (a, b))]
+        jobs.append(PassJob("single", slots[-1], last, range(last + 1, stop), None))
+    return [job for job in jobs if len(job.targets)]
+
+
+def pass_frame_count(num_frames: int, key_indices: Sequence[int], cuts: Sequence[int] = ()) -> int:
     """How many single-pass syntheses the clip needs (two per in-between frame, one outside the keys)."""
-    inside = sum(max(b - a - 1, 0) for a, b in zip(key_indices, key_indices[1:]))
-    return 2 * inside + key_indices[0] + (num_frames - 1 - key_indices[-1])
+    return sum(len(job.targets) for job in propagation_plan(num_frames, key_indices, cuts))
 
 
 def cpu_workers() -> int:
@@ -385,8 +418,10 @@ class _Stopped(Exception):
 
 def propagate_video(frames: torch.Tensor, key_indices: Sequence[int], key_styles: torch.Tensor, flows,
                     settings: PropagationSettings = PropagationSettings(), device=None,
-                    on_frame: Optional[Callable[[int], None]] = None, workers: Optional[int] = None) -> torch.Tensor:
-    """The full video [N,H,W,3] (CPU, 0..1): key frames copied unchanged, the others propagated and blended.
+                    on_frame: Optional[Callable[[int], None]] = None, workers: Optional[int] = None,
+                    cuts: Sequence[int] = ()) -> torch.Tensor:
+    """The full video [N,H,W,3] (CPU, 0..1): key frames copied unchanged, the others propagated and blended,
+    each shot (frames between `cuts`, see `propagation_plan`) from its own key frames only.
     `on_frame(done)` runs before every single-pass synthesis with the number already done (progress and
     interruption: it may raise, and then all work stops); there are `pass_frame_count` of them, called one at a
     time and in order, from whichever thread runs that synthesis.
@@ -418,19 +453,12 @@ def propagate_video(frames: torch.Tensor, key_indices: Sequence[int], key_styles
     def store(index: int, image: torch.Tensor) -> None:
         output[index] = image.clamp(0.0, 1.0).permute(1, 2, 0).cpu()
 
-    # (kind, key frame, its style, targets in order, interval): a forward pass is followed by its backward pass
-    first, last = key_indices[0], key_indices[-1]
-    jobs = [("single", first, key_styles[0], range(first - 1, -1, -1), None)]
-    for (a, b), style_a, style_b in zip(zip(key_indices, key_indices[1:]), key_styles, key_styles[1:]):
-        if b - a >= 2:
-            jobs += [("forward", a, style_a, range(a + 1, b), (a, b)),
-                     ("backward", b, style_b, range(b - 1, a, -1), (a, b))]
-    jobs.append(("single", last, key_styles[-1], range(last + 1, frames.shape[0]), None))
-    pending = iter([job for job in jobs if len(job[3])])
+    # a forward pass is followed by its backward pass
+    pending = iter(propagation_plan(frames.shape[0], key_indices, cuts))
 
-    def run(job) -> dict:
-        _, key, style, targets, _ = job
-        return dict(run_pass(frames, key, style, targets, flows, settings, device, before_synthesis))
+    def run(job: PassJob) -> dict:
+        return dict(run_pass(frames, job.key, key_styles[job.slot], job.targets, flows, settings, device,
+                             before_synthesis))
 
     with _pass_runner(workers) as runner:
         in_flight = deque()

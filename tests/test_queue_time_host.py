@@ -18,6 +18,8 @@ WIDGET_MISTAKES = [
     ("Rerender_KeyframePicker", {"mode": "adaptive", "s_min": 30, "s_max": 20}, None, "s_min (30) is larger"),
     ("Rerender_KeyframePicker", {"mode": "adaptive", "s_min": 0}, None, "below its minimum"),
     ("Rerender_KeyframePicker", {"mode": "list", "index_list": "0,a"}, None, "'a'"),
+    ("Rerender_KeyframePicker", {"split_at_cuts": True, "cut_threshold": 1.5}, None, "above its maximum"),
+    ("Rerender_KeyframePicker", {"split_at_cuts": True, "cut_threshold": 0.0}, None, "below its minimum"),
     ("Rerender_KeyframeSampler", "sampler_name", "dpm_adaptive", "dpm_adaptive"),
     ("Rerender_KeyframeSampler", "sampler_name", "no_such_sampler", "not one of its options"),
     ("Rerender_KeyframeSampler", "steps", 0, "below its minimum"),
