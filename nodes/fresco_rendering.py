@@ -90,6 +90,18 @@ def validate_settings(s: FrescoSettings) -> Optional[str]:
     return None
 
 
+def plan_shot_batches(keyframes, batch_size: int) -> List[Tuple[int, fresco.KeyFrameBatch]]:
+    """(shot number, batch) in rendering order: FRESCO's batches planned within each shot, so that no batch, anchor
+    or flow pair reaches across a cut (each shot's first key is its own global anchor). A shot with a single key
+    (a one-frame shot) is a batch of its own."""
+    shots = keyframes.shot_keys() if hasattr(keyframes, "shot_keys") else [tuple(keyframes.indices)]
+    planned = []
+    for shot, keys in enumerate(shots):
+        batches = fresco.plan_batches(keys, batch_size) if len(keys) > 1 else [fresco.KeyFrameBatch(tuple(keys))]
+        planned += [(shot, batch) for batch in batches]
+    return planned
+
+
 # ------------------------------------------------------------------------------------------------- model layout
 def _decoder_levels(unet) -> List[int]:
     """Resolution level of every output block (0 = coarsest), counted by the upsamplers before it."""
@@ -334,7 +346,7 @@ class FrescoRenderer:
         self.smoothing_steps = constraints.period_steps(*settings.smoothing_period, total)
         self.spatial_steps = frozenset(range(first, min(first + settings.spatial_guided_steps, total)))
         self.last_spatial_step = max(self.spatial_steps, default=None)
-        self.batches = fresco.plan_batches(keyframes.indices, settings.batch_size)
+        self.batches = plan_shot_batches(keyframes, settings.batch_size)
         self._check_flow_needed()
         self._report_periods()
         self.device = model.load_device
@@ -418,8 +430,11 @@ class FrescoRenderer:
         patched.set_model_output_block_patch(self.patches.up_block_input)
         results: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         try:
-            for number, batch in enumerate(self.batches):
+            for number, (shot, batch) in enumerate(self.batches):
                 comfy.model_management.throw_exception_if_processing_interrupted()
+                if number and shot != self.batches[number - 1][0]:
+                    self.stats.anchor_misses += self.anchors.misses
+                    self.anchors.clear()  # a new shot: nothing is shared with the previous one
                 if self.on_batch is not None:
                     self.on_batch(number, len(self.batches), batch.frames)
                 latents = self._render_batch(patched, number, batch)
@@ -429,7 +444,7 @@ class FrescoRenderer:
                     results[batch.frames[slot]] = (image[None], latent[None])
         finally:
             self.patches.geometry, self.patches.phase = None, None
-            self.stats.anchor_misses = self.anchors.misses
+            self.stats.anchor_misses += self.anchors.misses
             self.anchors.clear()
         self._summarise()
         keys = list(self.keyframes.indices)
@@ -517,7 +532,9 @@ class FrescoRenderer:
     def _summarise(self) -> None:
         s, stats = self.settings, self.stats
         stats.gram_peak_bytes = max(stats.gram_peak_bytes, self.patches.peak_gram_bytes)
-        stats.report.insert(0, f"{len(self.keyframes.indices)} key frames in {stats.batches} batches of at most "
+        shots = self.batches[-1][0] + 1
+        stats.report.insert(0, f"{len(self.keyframes.indices)} key frames"
+                               f"{f' in {shots} shots' if shots > 1 else ''} in {stats.batches} batches of at most "
                                f"{s.batch_size}; cache peak {stats.cache_peak_bytes / MiB:.1f} MiB (flows, masks, "
                                f"trajectories, attention reference, anchors), Gram references "
                                f"{stats.gram_peak_bytes / MiB:.1f} MiB")

@@ -278,3 +278,25 @@ def test_sdxl_layout_runs_with_everything_on_and_equals_ksampler_with_everything
                               mask=torch.zeros(1, SIZE, SIZE))
     assert torch.isfinite(images).all()
     assert "feature optimisation, spatial loss" in "\n".join(host.last_ui["text"])
+
+
+def test_batches_never_reach_across_a_shot_cut(host):
+    """Two shots joined (cut before frame 3, keys on both sides): with every component on, shot 2's key frames equal
+    a run on shot 2 alone (its own anchor, its own batches and flows), and shot 1's a run on shot 1 alone."""
+    shot_1 = (clip(1, seed=4) + 0.05 * clip(3, seed=5)).clamp(0, 1)
+    shot_2 = (clip(1, seed=6) + 0.05 * clip(3, seed=7)).clamp(0, 1)
+    joined = torch.cat([shot_1, shot_2])
+    selection = host.pack_module("rerender.keyframes").KeyFrameSelection(tuple(range(6)), 6, cuts=(3,))
+    on = dict(EVERYTHING_ON, smoothing_start=0.5, smoothing_end=1.0)
+
+    def render(frames, keys):
+        return host.run_node("Rerender_FrescoKeyFrames", model=tiny_sd15(0), positive=conditioning(0),
+                             negative=conditioning(1), vae=tiny_sd_vae(0), frames=frames, keyframes=keys,
+                             flow=still_flow(host, frames), mask=torch.zeros(1, SIZE, SIZE),
+                             **dict(NODE_DEFAULTS, **on))[1]["samples"]
+
+    both = render(joined, selection)
+    assert "in 2 shots" in host.last_ui["text"][0]
+    for shot, frames in ((slice(0, 3), shot_1), (slice(3, 6), shot_2)):
+        alone = render(frames, keyframes(host, range(3), 3))
+        assert torch.equal(both[shot], alone)
