@@ -16,16 +16,23 @@ Stages (DIS flow, --dis-preset, for every stage that needs flow; all flow on dem
                    for contrast: the growth per frame the on-demand mode avoids
   picker           Key Frame Picker, adaptive mode (streams the motion proxies over the clip)
   sampler          Key Frame Sampler, every constraint at its default, with cross-frame attention, on the tiny
-                   random-weight SD1.5-architecture model and VAE of tests/tiny_models.py, key frames every
-                   --interval, --steps steps; flow on demand from a Flow Estimation node
+                   random-weight SD1.5-architecture model and VAE of tests/tiny_models.py, --steps steps (4: the
+                   fewest with a pixel-aware fusion step at denoise 0.75), flow on demand from a Flow Estimation
+                   node. At 512x512 one key frame costs ~20-30 CPU-seconds and a transient ~4 GiB (attention over
+                   4096 latent tokens, anchor + previous frame), so key frames are only every --sampler-interval
+                   frames (100: 2, 2 and 4 key frames): what grows with the clip rather than with the number of key
+                   frames is what this row shows; the key frames' own images and latents are counted as outputs
   propagator       Patch Propagator over the whole clip (IMAGE in and out: every frame). To fit a quiet 2-core
                    machine, PatchMatch runs with cheap settings (patch 3, descriptor 4, one search-vote round, no
                    PatchMatch iterations, one pyramid level: the same images, guides, flows and blending state as the
                    defaults, far fewer operations on them), and only every --propagate-every-th interval of
-                   --interval frames is propagated (the others are made all key frames, so the number of propagated
-                   intervals still grows with the clip and their key frames are still IMAGE input); 1 = all
+                   --interval frames is propagated (default 5: 2, 4 and 6 intervals of 9 frames; the others are made
+                   all key frames, so the number of propagated intervals still grows with the clip and their key
+                   frames are still IMAGE input); 1 = all
 
-Needs $COMFYUI_PATH. Full run for the closing note (about 8-9 minutes on 2 quiet cores, see the README):
+Needs $COMFYUI_PATH and ~6 GiB free memory (the sampler's transient). Full run for the closing note (estimated
+8-10 minutes on 2 quiet cores from single-stage timings on a busy machine; most of it the sampler and the
+propagator):
     COMFYUI_PATH=/path/to/ComfyUI python bench/long_clip_memory_bench.py
 Smoke test:
     COMFYUI_PATH=/path/to/ComfyUI python bench/long_clip_memory_bench.py --size 64 --frames 10,20
@@ -133,7 +140,8 @@ def run_stage(stage: str, counts: list, args) -> None:
         (patched,) = host.run_node("Rerender_CrossFrameAttention",
                                    **node_defaults(host, "Rerender_CrossFrameAttention", model=model))
         models = (patched, conditioning(0), conditioning(1), vae)
-    measure(host, stage, source, min(counts[0], 2 * args.interval + 2), models, args)  # warm-up, not reported
+    interval = args.sampler_interval if stage == "sampler" else args.interval
+    measure(host, stage, source, min(counts[0], 2 * interval + 2), models, args)  # warm-up, not reported
     for count in counts:
         gc.collect()
         print(json.dumps(measure(host, stage, source, count, models, args)), flush=True)
@@ -164,7 +172,7 @@ def measure(host, stage: str, source: torch.Tensor, count: int, models, args) ->
         (video_flow, *previews) = host.run_node("Rerender_FlowEstimation", frames=frames,
                                                 **node_defaults(host, "Rerender_FlowEstimation", **flow_args))
         key_frames, keyframes, _ = host.run_node("Rerender_KeyframePicker", frames=frames, **node_defaults(
-            host, "Rerender_KeyframePicker", interval=args.interval))
+            host, "Rerender_KeyframePicker", interval=args.sampler_interval))
         images, latent = host.run_node("Rerender_KeyframeSampler", **node_defaults(
             host, "Rerender_KeyframeSampler", model=patched, positive=positive, negative=negative, vae=vae,
             frames=frames, keyframes=keyframes, flow=video_flow, steps=args.steps))
@@ -204,7 +212,8 @@ def child(stage: str, args):
     """Yield the stage's rows as its process prints them."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     command = [sys.executable, __file__, "--child", stage, "--frames", args.frames, "--size", str(args.size),
-               "--interval", str(args.interval), "--steps", str(args.steps), "--dis-preset", args.dis_preset,
+               "--interval", str(args.interval), "--sampler-interval", str(args.sampler_interval),
+               "--steps", str(args.steps), "--dis-preset", args.dis_preset,
                "--propagate-every", str(args.propagate_every)]
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -224,10 +233,11 @@ def main():
     parser.add_argument("--frames", default="50,100,300", help="clip lengths, comma-separated")
     parser.add_argument("--size", type=int, default=512, help="frame side in pixels (a multiple of 8)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {STAGES}")
-    parser.add_argument("--interval", type=int, default=10, help="key frame interval (sampler, propagator)")
+    parser.add_argument("--interval", type=int, default=10, help="key frame interval (flow, propagator)")
+    parser.add_argument("--sampler-interval", type=int, default=100, help="key frame interval of the sampler")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps")
     parser.add_argument("--dis-preset", default="ultrafast", help="DIS preset of every flow")
-    parser.add_argument("--propagate-every", type=int, default=3,
+    parser.add_argument("--propagate-every", type=int, default=5,
                         help="propagate every n-th interval (1 = all); the rest are all key frames")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
