@@ -54,10 +54,10 @@ def _status(video_flow: flowlib.VideoFlow, mode: str) -> str:
     if mode == "precompute":
         held = len(video_flow.computed_pairs) // 2
         return (f"flow precomputed: {held} pairs kept for the whole clip "
-                f"({held * video_flow.pair_nbytes / 2 ** 20:.0f} MiB at {size})")
+                f"({held * video_flow.pair_nbytes / 2 ** 20:.1f} MiB at {size})")
     bound = video_flow.max_cached_pairs
     return (f"flow on demand: each pair is estimated when a later stage asks for it; at most {bound} pairs kept "
-            f"({bound * video_flow.pair_nbytes / 2 ** 20:.0f} MiB at {size})")
+            f"({bound * video_flow.pair_nbytes / 2 ** 20:.1f} MiB at {size})")
 
 
 class FlowEstimation(io.ComfyNode):

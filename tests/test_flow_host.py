@@ -60,6 +60,8 @@ def test_raft_checkpoint_through_our_loader_and_the_flow_node(host, clip):
     lazy, lazy_preview, lazy_occlusion = host.run_node("Rerender_FlowEstimation", frames=clip,
                                                        optical_flow=optical_flow, cache_pairs=2, **NODE_ARGS)
     assert lazy.computed_pairs == {(0, 1), (1, 0)} and lazy.max_cached_pairs == 2  # the default: on demand
+    assert host.last_ui["rerender_notes"][0].startswith("flow on demand") and "at most 2 pairs kept (0.3 MiB" in \
+        host.last_ui["rerender_notes"][0]
     assert lazy_preview.shape == (1, 128, 128, 3) and torch.equal(lazy_occlusion[0], occlusion[1])
     for pair in [(2, 1), (0, 2), (1, 0), (2, 0)]:  # asked in another order than precomputed: the same numbers
         assert all(torch.equal(a, b) for a, b in zip(lazy.pair(*pair), video_flow.pair(*pair))), pair
