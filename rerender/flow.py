@@ -6,11 +6,14 @@ p + flow(p) in image_b, so `warp.flow_warp(image_b, flow)` lays image_b onto ima
 (`DISEstimator`, `RAFTEstimator` here).
 
 `VideoFlow` is what the later stages consume: `pair(src, dst)` gives the backward flow laying frame src onto frame
-dst (= estimator(frame_dst, frame_src)) and the occlusion of dst's pixels, computed once per unordered pair
-(both directions in one estimator batch, as the occlusion test needs both) and cached on the CPU in half precision.
+dst (= estimator(frame_dst, frame_src)) and the occlusion of dst's pixels, computed per unordered pair when first
+asked for (both directions in one estimator batch, as the occlusion test needs both) and cached on the CPU in half
+precision, in a bounded least-recently-used cache, so a long clip never holds the flows of the whole clip.
 """
 import math
 import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import cv2
@@ -73,6 +76,12 @@ class DISEstimator:
         gray_a, gray_b = _as_gray_uint8(image_a), _as_gray_uint8(image_b)
         flows = [self._dis.calc(a, b, None) for a, b in zip(gray_a, gray_b)]
         return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2).contiguous()
+
+    def __getstate__(self):
+        return {"preset": self.preset}  # the OpenCV object does not pickle; it is rebuilt from the preset
+
+    def __setstate__(self, state):
+        self.__init__(state["preset"])
 
     def __repr__(self):
         return f"DISEstimator({self.preset!r})"
@@ -150,7 +159,8 @@ def raft_final_flow(module, image1: torch.Tensor, image2: torch.Tensor, iteratio
 
 
 def _frames_nchw(frames) -> torch.Tensor:
-    """Validate a clip ([N,H,W,3] tensor or a sequence of [H,W,3] tensors) and return it as [N,3,H,W] float32."""
+    """Validate a clip ([N,H,W,3] tensor or a sequence of [H,W,3] tensors) and return it as an [N,3,H,W] view
+    (no copy of a tensor: pairs convert their two frames to float32 when estimated)."""
     if isinstance(frames, (list, tuple)):
         sizes = {tuple(f.shape) for f in frames}
         if len(sizes) > 1:
@@ -162,42 +172,83 @@ def _frames_nchw(frames) -> torch.Tensor:
         raise ValueError(f"frames: expected an IMAGE batch [N,H,W,3], got {shape}")
     if frames.shape[0] < 2:
         raise ValueError(f"frames: flow needs at least 2 frames, got {frames.shape[0]}; pass the whole clip")
-    return frames.movedim(-1, 1).to(torch.float32)
+    return frames.movedim(-1, 1)
+
+
+DEFAULT_CACHE_PAIRS = 32  # unordered pairs kept by an on-demand VideoFlow: > the picker's s_max (20) + passes in flight
+
+
+@contextmanager
+def _intra_op_threads(count: int):
+    """Run torch ops of the calling thread with `count` intra-op threads (the setting is per thread), then restore."""
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class VideoFlow:
     """Flow and occlusion between any two frames of a clip; the RERENDER_FLOW payload.
 
-    Consecutive pairs are computed by `estimate`; any other pair on first request, with the same estimator and
-    settings, once. Results live on the CPU (flow float16, occlusion bool) and are returned as float32."""
+    A pair is estimated on first request, both directions in one estimator batch, always in the order (lower
+    frame, higher frame) and with the intra-op thread count of the thread that made this object, so the numbers do
+    not depend on who asks first or from which thread (a propagation worker runs single-threaded). Results live on
+    the CPU (flow float16, occlusion bool; 10 bytes per pixel per pair) and are returned as float32.
+
+    `max_cached_pairs` bounds memory: at most that many unordered pairs are kept, the least recently used dropped
+    first (asking for a dropped pair again estimates it again, to the same numbers). None keeps every pair, as
+    `estimate` (all consecutive pairs up front) does by default. The object holds a reference to the frames, not a
+    copy."""
 
     def __init__(self, frames, estimator: Callable, alpha: float = CONSISTENCY_ALPHA, beta: float = CONSISTENCY_BETA,
-                 photometric_threshold: Optional[float] = None):
+                 photometric_threshold: Optional[float] = None,
+                 max_cached_pairs: Optional[int] = DEFAULT_CACHE_PAIRS):
+        if max_cached_pairs is not None and max_cached_pairs < 1:
+            raise ValueError(f"max_cached_pairs must be at least 1 (or None: no bound), got {max_cached_pairs}")
         self._frames = _frames_nchw(frames)
         self.num_frames, _, self.height, self.width = self._frames.shape
         self.estimator = estimator
         self.alpha, self.beta, self.photometric_threshold = alpha, beta, photometric_threshold
-        self._pairs = {}
+        self.max_cached_pairs = max_cached_pairs
+        self.estimator_threads = torch.get_num_threads()
+        self._pairs = OrderedDict()  # (low, high) -> (flows [2,2,H,W] f16, occlusion [2,1,H,W] bool), LRU order
         self._pairs_lock = threading.Lock()  # pairs are asked for from several propagation passes at once
+        self.estimates = 0  # estimator batches run (a pair dropped and asked for again counts twice)
+        self.peak_cached_pairs = 0
 
     @classmethod
     def estimate(cls, frames, estimator: Callable, progress: Optional[Callable[[int, int], None]] = None,
-                 interrupt_check: Optional[Callable[[], None]] = None, **settings) -> "VideoFlow":
-        """Compute both directions of every consecutive pair; `progress(done, total)` after each pair and
-        `interrupt_check()` before each (it raises to stop). `settings`: alpha, beta, photometric_threshold."""
-        video_flow = cls(frames, estimator, **settings)
+                 interrupt_check: Optional[Callable[[], None]] = None, max_cached_pairs: Optional[int] = None,
+                 **settings) -> "VideoFlow":
+        """Compute both directions of every consecutive pair now, kept for the whole clip unless
+        `max_cached_pairs` says otherwise; `progress(done, total)` after each pair and `interrupt_check()` before
+        each (it raises to stop). `settings`: alpha, beta, photometric_threshold."""
+        video_flow = cls(frames, estimator, max_cached_pairs=max_cached_pairs, **settings)
         total = video_flow.num_frames - 1
         for index in range(total):
             if interrupt_check is not None:
                 interrupt_check()
-            video_flow._compute(index, index + 1)
+            video_flow.pair(index, index + 1)
             if progress is not None:
                 progress(index + 1, total)
         return video_flow
 
     @property
     def computed_pairs(self) -> frozenset:
-        return frozenset(self._pairs)
+        """The directed pairs held now."""
+        with self._pairs_lock:
+            keys = list(self._pairs)
+        return frozenset(key for low, high in keys for key in ((low, high), (high, low)))
+
+    @property
+    def pair_nbytes(self) -> int:
+        """CPU bytes one cached unordered pair takes (both flows in float16, both occlusion masks)."""
+        return 2 * (2 * 2 + 1) * self.height * self.width
 
     def pair(self, src: int, dst: int, device=None) -> tuple:
         """flow [1,2,H,W] float32: backward flow laying frame src onto frame dst (flow_warp(frame_src, flow) ~
@@ -208,25 +259,32 @@ class VideoFlow:
         if src == dst:
             return (torch.zeros(1, 2, self.height, self.width, device=device),
                     torch.zeros(1, 1, self.height, self.width, device=device))
+        key, row = ((src, dst), 0) if src < dst else ((dst, src), 1)
         with self._pairs_lock:
-            if (src, dst) not in self._pairs:
-                self._compute(src, dst)
-            flow, occlusion = self._pairs[(src, dst)]
-        return flow.to(device, torch.float32), occlusion.to(device, torch.float32)
+            entry = self._pairs.get(key)
+            if entry is None:
+                entry = self._pairs[key] = self._compute(*key)
+                self.estimates += 1
+                while self.max_cached_pairs is not None and len(self._pairs) > self.max_cached_pairs:
+                    self._pairs.popitem(last=False)
+                self.peak_cached_pairs = max(self.peak_cached_pairs, len(self._pairs))
+            else:
+                self._pairs.move_to_end(key)
+        flows, occlusion = entry
+        return flows[row:row + 1].to(device, torch.float32), occlusion[row:row + 1].to(device, torch.float32)
 
-    def _compute(self, src: int, dst: int):
+    def _compute(self, src: int, dst: int) -> tuple:
         """Both directions in one batch: row 0 lays src onto dst (on dst's grid), row 1 dst onto src."""
-        targets = self._frames[[dst, src]]
-        sources = self._frames[[src, dst]]
-        flows = self.estimator(targets, sources).float()
-        occlusion = forward_backward_occlusion(flows, flows.flip(0), self.alpha, self.beta)
-        if self.photometric_threshold is not None:
-            on_device = flows.device
-            occlusion |= photometric_occlusion(targets.to(on_device), sources.to(on_device), flows,
-                                               self.photometric_threshold)
-        flows, occlusion = flows.to("cpu", torch.float16), occlusion.cpu()
-        self._pairs[(src, dst)] = (flows[:1], occlusion[:1])
-        self._pairs[(dst, src)] = (flows[1:], occlusion[1:])
+        targets = self._frames[[dst, src]].to(torch.float32)
+        sources = self._frames[[src, dst]].to(torch.float32)
+        with _intra_op_threads(self.estimator_threads):
+            flows = self.estimator(targets, sources).float()
+            occlusion = forward_backward_occlusion(flows, flows.flip(0), self.alpha, self.beta)
+            if self.photometric_threshold is not None:
+                on_device = flows.device
+                occlusion |= photometric_occlusion(targets.to(on_device), sources.to(on_device), flows,
+                                                   self.photometric_threshold)
+        return flows.to("cpu", torch.float16), occlusion.cpu()
 
     def consecutive(self, start: int = 0, stop: Optional[int] = None, device=None):
         """Yield (index, flow, occlusion) of pair (index-1, index) for index in [max(start, 1), stop)."""
@@ -239,13 +297,26 @@ class VideoFlow:
         if tuple(frames.shape[:3]) != (self.num_frames, self.height, self.width):
             return False
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        own = self._frames[index]
-        given = frames[index.to(frames.device)].movedim(-1, 1).to(own.device, own.dtype)
+        own = self._frames[index].to(torch.float32)
+        given = frames[index.to(frames.device)].movedim(-1, 1).to(own.device, torch.float32)
         return bool((own - given).abs().flatten(1).mean(1).max() <= tolerance)
 
+    def __getstate__(self):
+        """Picklable (for caches that serialise node outputs): the frames, settings and cached pairs; no lock."""
+        state = self.__dict__.copy()
+        del state["_pairs_lock"]
+        with self._pairs_lock:
+            state["_pairs"] = OrderedDict(self._pairs)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pairs_lock = threading.Lock()
+
     def __repr__(self):
+        bound = "all kept" if self.max_cached_pairs is None else f"at most {self.max_cached_pairs} kept"
         return (f"VideoFlow({self.num_frames} frames {self.width}x{self.height}, {self.estimator!r}, "
-                f"{len(self._pairs)} directed pairs cached)")
+                f"{len(self._pairs)} pairs cached, {bound})")
 
 
 def _middlebury_color_wheel(steps_per_color: int) -> torch.Tensor:

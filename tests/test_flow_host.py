@@ -37,8 +37,8 @@ def test_raft_checkpoint_through_our_loader_and_the_flow_node(host, clip):
     assert isinstance(optical_flow, comfy.model_patcher.ModelPatcher) and flowlib.is_raft(optical_flow.model)
 
     frames_before = clip.clone()
-    video_flow, preview, occlusion = host.run_node("Rerender_FlowEstimation", frames=clip,
-                                                   optical_flow=optical_flow, **NODE_ARGS)
+    video_flow, preview, occlusion = host.run_node("Rerender_FlowEstimation", frames=clip, optical_flow=optical_flow,
+                                                   estimate="precompute", **NODE_ARGS)
     assert torch.equal(clip, frames_before)
     assert isinstance(video_flow, flowlib.VideoFlow) and isinstance(video_flow.estimator, flowlib.RAFTEstimator)
     assert (video_flow.num_frames, video_flow.height, video_flow.width) == (3, 128, 128)
@@ -56,6 +56,16 @@ def test_raft_checkpoint_through_our_loader_and_the_flow_node(host, clip):
     flow_0_2, occlusion_0_2 = video_flow.pair(0, 2)  # on demand, with the same (host-managed) model
     assert (0, 2) in video_flow.computed_pairs and (2, 0) in video_flow.computed_pairs
     assert flow_0_2.shape == (1, 2, 128, 128) and occlusion_0_2.shape == (1, 1, 128, 128)
+
+    lazy, lazy_preview, lazy_occlusion = host.run_node("Rerender_FlowEstimation", frames=clip,
+                                                       optical_flow=optical_flow, cache_pairs=2, **NODE_ARGS)
+    assert lazy.computed_pairs == {(0, 1), (1, 0)} and lazy.max_cached_pairs == 2  # the default: on demand
+    assert host.last_ui["rerender_notes"][0].startswith("flow on demand") and "at most 2 pairs kept (0.3 MiB" in \
+        host.last_ui["rerender_notes"][0]
+    assert lazy_preview.shape == (1, 128, 128, 3) and torch.equal(lazy_occlusion[0], occlusion[1])
+    for pair in [(2, 1), (0, 2), (1, 0), (2, 0)]:  # asked in another order than precomputed: the same numbers
+        assert all(torch.equal(a, b) for a, b in zip(lazy.pair(*pair), video_flow.pair(*pair))), pair
+    assert len(lazy.computed_pairs) == 4 and lazy.peak_cached_pairs == 2
 
 
 def test_the_hosts_optical_flow_model_is_used(host, clip):
