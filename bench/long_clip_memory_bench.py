@@ -22,6 +22,9 @@ Stages (DIS flow, --dis-preset, for every stage that needs flow; all flow on dem
                    4096 latent tokens, anchor + previous frame), so key frames are only every --sampler-interval
                    frames (100: 2, 2 and 4 key frames): what grows with the clip rather than with the number of key
                    frames is what this row shows; the key frames' own images and latents are counted as outputs
+  fresco           FRESCO Key Frames, every component at its default (a mask of all background, so smoothing acts),
+                   on the same tiny model, key frames every --sampler-interval frames as the sampler, --steps steps,
+                   5 Adam iterations instead of 20 (the optimisation's memory does not depend on the count)
   propagator       Patch Propagator over the whole clip (IMAGE in and out: every frame). To fit a quiet 2-core
                    machine, PatchMatch runs with cheap settings (patch 3, descriptor 4, one search-vote round, no
                    PatchMatch iterations, one pyramid level: the same images, guides, flows and blending state as the
@@ -55,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-STAGES = ["flow", "flow-precompute", "picker", "sampler", "propagator"]
+STAGES = ["flow", "flow-precompute", "picker", "sampler", "fresco", "propagator"]
 CLIP = "man_talking_512x640_25fps.mp4"
 SOURCE_FRAMES = 50  # decoded once, then looped forwards and backwards to the clip's length
 MiB = 2 ** 20
@@ -134,13 +137,16 @@ def run_stage(stage: str, counts: list, args) -> None:
     host = HostSession(Path(os.environ["COMFYUI_PATH"]), Path(tempfile.mkdtemp()))
     source = source_frames(args.size)
     models = None
+    if stage == "fresco":
+        from tiny_models import conditioning, tiny_sd15, tiny_sd_vae
+        models = (tiny_sd15(0), conditioning(0), conditioning(1), tiny_sd_vae(0))
     if stage == "sampler":
         from tiny_models import conditioning, tiny_sd15, tiny_sd_vae
         model, vae = tiny_sd15(0), tiny_sd_vae(0)
         (patched,) = host.run_node("Rerender_CrossFrameAttention",
                                    **node_defaults(host, "Rerender_CrossFrameAttention", model=model))
         models = (patched, conditioning(0), conditioning(1), vae)
-    interval = args.sampler_interval if stage == "sampler" else args.interval
+    interval = args.sampler_interval if stage in ("sampler", "fresco") else args.interval
     measure(host, stage, source, min(counts[0], 2 * interval + 2), models, args)  # warm-up, not reported
     for count in counts:
         gc.collect()
@@ -176,6 +182,19 @@ def measure(host, stage: str, source: torch.Tensor, count: int, models, args) ->
         images, latent = host.run_node("Rerender_KeyframeSampler", **node_defaults(
             host, "Rerender_KeyframeSampler", model=patched, positive=positive, negative=negative, vae=vae,
             frames=frames, keyframes=keyframes, flow=video_flow, steps=args.steps))
+        outputs = [*previews, key_frames, images, latent]
+        extra = dict(key_frames=len(keyframes.indices), pairs_held=len(video_flow.computed_pairs) // 2)
+    elif stage == "fresco":
+        model, positive, negative, vae = models
+        (video_flow, *previews) = host.run_node("Rerender_FlowEstimation", frames=frames,
+                                                **node_defaults(host, "Rerender_FlowEstimation", **flow_args))
+        key_frames, keyframes, _ = host.run_node("Rerender_KeyframePicker", frames=frames, **node_defaults(
+            host, "Rerender_KeyframePicker", interval=args.sampler_interval))
+        mask = torch.zeros(1, *frames.shape[1:3])
+        inputs.append(mask)
+        images, latent = host.run_node("Rerender_FrescoKeyFrames", **node_defaults(
+            host, "Rerender_FrescoKeyFrames", model=model, positive=positive, negative=negative, vae=vae,
+            frames=frames, keyframes=keyframes, flow=video_flow, mask=mask, steps=args.steps, iterations=5))
         outputs = [*previews, key_frames, images, latent]
         extra = dict(key_frames=len(keyframes.indices), pairs_held=len(video_flow.computed_pairs) // 2)
     elif stage == "propagator":
