@@ -4,6 +4,8 @@
 
 Uploads the video, checks every model file and node the workflow names against the server before queueing,
 queues it (POST /prompt), follows the websocket with a progress bar, and downloads the saved video.
+With `--servers URL,URL,...` the job is spread over several servers (see scale_out.py): key frames on the first,
+propagation intervals on all of them, an interval re-queued elsewhere if its server is lost.
 Needs `aiohttp` (installed with ComfyUI). Exit codes: 0 done, 1 the workflow failed, 2 no server, 3 bad input
 (nothing queued), 130 interrupted with Ctrl-C (this client's prompt is taken off the queue or stopped).
 """
@@ -41,6 +43,9 @@ def parse_args(argv):
     parser.add_argument("--video", required=True, type=Path, help="input video file")
     parser.add_argument("--output", required=True, type=Path, help="where to write the output video")
     parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI server: HOST:PORT or a URL")
+    parser.add_argument("--servers", metavar="URL,URL,...",
+                        help="several ComfyUI servers (HOST:PORT or URLs, comma-separated): key frames rendered on "
+                             "the first, the propagation intervals spread over all; replaces --server")
     parser.add_argument("--workflow", default=DEFAULT_WORKFLOW, type=Path,
                         help="API-format workflow JSON (default: workflows/api/rerender_full_pipeline.json)")
     parser.add_argument("--prompt", help="positive prompt (the text encoder wired to the sampler's positive input)")
@@ -288,6 +293,9 @@ async def run(args) -> Path:
     if not args.video.is_file():
         raise UserError(f"input video '{args.video}' does not exist", 3)
     prompt = read_workflow(args.workflow)
+    if args.servers:
+        import scale_out
+        return await scale_out.run(args, prompt)
     url = server_url(args.server)
     client_id = uuid.uuid4().hex
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
@@ -360,4 +368,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import run_headless  # the module scale_out imports too: one UserError class for both, not a __main__ copy
+    sys.exit(run_headless.main())
