@@ -86,14 +86,17 @@ def prompt_text_node(prompt: dict, which: str) -> str:
     raise UserError(f"the workflow has no text prompt wired to a sampler's '{which}' input", 3)
 
 
-def input_specs(info: dict) -> dict:
-    """Input name -> spec from one /object_info entry, with a dynamic combo's nested inputs as `combo.name`."""
+def input_specs(info: dict, values: dict = None) -> dict:
+    """Input name -> spec from one /object_info entry, with a dynamic combo's nested inputs as `combo.name`: those
+    of the option chosen in `values` (a node's inputs) when given, else the first option's that has the name."""
     specs = {}
     for section in ("required", "optional"):
         for name, spec in info["input"].get(section, {}).items():
             specs[name] = spec
             if spec[0] == DYNAMIC_COMBO:
-                for option in spec[1].get("options", []):
+                options = spec[1].get("options", [])
+                chosen = [o for o in options if values is not None and o.get("key") == values.get(name)]
+                for option in chosen or options:
                     for nested_section in option.get("inputs", {}).values():
                         for nested, nested_spec in nested_section.items():
                             specs.setdefault(f"{name}.{nested}", nested_spec)
@@ -189,7 +192,7 @@ def check_against_server(prompt: dict, object_info: dict) -> None:
         if info is None:
             raise UserError(f"node type '{node['class_type']}' ({title}) is not installed on the server; install "
                             "the pack that provides it and restart ComfyUI", 3)
-        specs = input_specs(info)
+        specs = input_specs(info, node["inputs"])
         for name, value in node["inputs"].items():
             options = combo_options(specs[name]) if name in specs else None
             if options is None or isinstance(value, list) or value in options:

@@ -38,6 +38,7 @@ PROMPTS_PER_SERVER = 2          # one running, one waiting, so a server never id
 HEARTBEAT_S = 20                # websocket ping period; no pong within half of it = the server is gone
 EXR_WIDTH_ALIGN = 32            # the host's decoder re-samples EXRs of other widths (not bit-exact)
 SEED_MAX = 0xFFFFFFFF
+UPLOAD_LOADERS = {"LoadImage", "LoadVideo"}   # their file lists change as this job uploads
 EXR_FORMAT = {"format": "exr", "format.bit_depth": "32-bit float", "format.input_color_space": "linear"}
 
 
@@ -345,9 +346,17 @@ class Server:
                 raise UserError(f"{self.label} refused the upload of {name}: HTTP {status}", 3)
             self.uploaded.add(name)
 
+    async def check(self, prompt: dict) -> None:
+        """Nodes and model files of `prompt` against the server's definitions, the loaders' file lists fresh."""
+        for class_type in {n["class_type"] for n in prompt.values()} & UPLOAD_LOADERS:
+            status, body = await self._request("GET", f"/object_info/{class_type}")
+            if status == 200:
+                self.object_info.update(json.loads(body))
+        headless.check_against_server(prompt, self.object_info)
+
     async def run_prompt(self, prompt: dict, on_message=None) -> dict:
         """Queue `prompt`, wait for it to end (ServerLost if the server goes), return its /history entry."""
-        headless.check_against_server(prompt, self.object_info)
+        await self.check(prompt)
         status, body = await self._request("POST", "/prompt", json={"prompt": prompt, "client_id": self.client_id})
         answer = json.loads(body)
         if status != 200:
@@ -451,11 +460,12 @@ class Queue:
     results: dict = field(default_factory=dict)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
-    async def take(self):
+    async def take(self, server: "Server"):
+        """The next interval for `server`, or None once all are done or the server is lost."""
         async with self.changed:
-            while not self.waiting and len(self.results) < self.total:
+            while server.alive and not self.waiting and len(self.results) < self.total:
                 await self.changed.wait()
-            return self.waiting.pop(0) if self.waiting else None
+            return self.waiting.pop(0) if self.waiting and server.alive else None
 
     async def give_back(self, segment: Segment) -> None:
         async with self.changed:
@@ -517,10 +527,10 @@ class Job:
         self.video_name = f"rerender_{digest}{self.args.video.suffix}"
         headless.set_input(self.prompt, "LoadVideo", "file", self.video_name)
         pipeline = Pipeline.find(self.prompt)
-        headless.check_against_server(self.prompt, self.alive()[0].object_info)
 
         async def measure(server):
             await self.upload_video(server)
+            await server.check(self.prompt)       # the whole workflow, before anything runs
             self.progress.set(server, "frame size")
             return await server.run_prompt(size_prompt(pipeline))
         _, entry = await self.on_any("measuring the frames", measure)
@@ -552,16 +562,16 @@ class Job:
 
         async def worker(server: Server) -> None:
             while server.alive:
-                segment = await queue.take()
+                segment = await queue.take(server)
                 if segment is None:
-                    return
+                    break
                 try:
                     files = await self.run_segment(server, pipeline, segment, key_files, key_data, width, height)
                 except ServerLost as error:
                     await queue.give_back(segment)
                     self.lose(server, str(error))
                     self.progress.event(f"interval {segment.label} re-queued: {server.label} was lost")
-                    return
+                    break
                 if await queue.finish(segment, server, files):
                     self.progress.done = len(queue.results)
                     self.progress.event(f"interval {segment.label} done on {server.label}")
@@ -650,7 +660,7 @@ async def run(args, prompt: dict) -> Path:
             job = Job(args, prompt, live, Path(workdir))
             try:
                 return await job.run()
-            except asyncio.CancelledError:           # Ctrl-C: asyncio.run cancels this task
+            except (asyncio.CancelledError, UserError):   # Ctrl-C (asyncio.run cancels this task) or a failure
                 job.progress.close()
                 await asyncio.gather(*(server.cancel_own_prompts() for server in job.alive()))
                 raise
