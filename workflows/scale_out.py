@@ -413,7 +413,7 @@ class Progress:
     """One line: intervals done, and per server what it runs (interval, node, bar); events on lines of their own."""
 
     def __init__(self, servers: list, stream=sys.stderr):
-        self.stream, self.servers = stream, servers
+        self.stream = stream
         self.status = {server.label: "idle" for server in servers}
         self.done = self.total = 0
 
@@ -539,18 +539,17 @@ class Job:
         async def render_keys(server):
             await self.upload_video(server)
             prompt = key_stage_prompt(pipeline, f"rerender_scaleout/{self.tag}/keys", width)
-            return await server.run_prompt(prompt, self.progress.follower(server, "key frames", prompt))
-        key_server, entry = await self.on_any("rendering the key frames", render_keys)
-        key_indices = [int(i) for i in shown_text(entry, "scaleout_indices").split(",")]
-        num_frames = int(shown_text(entry, "scaleout_count"))
-        key_items = saved_items(entry, "scaleout_save")
-        if len(key_items) != len(key_indices):
-            raise UserError(f"{key_server.label} saved {len(key_items)} key frames for {len(key_indices)} indices", 1)
+            entry = await server.run_prompt(prompt, self.progress.follower(server, "key frames", prompt))
+            indices = [int(i) for i in shown_text(entry, "scaleout_indices").split(",")]
+            items = saved_items(entry, "scaleout_save")
+            if len(items) != len(indices):
+                raise UserError(f"{server.label} saved {len(items)} key frames for {len(indices)} indices", 1)
+            files = {index: self.keep(f"key_{index:05d}.exr", await server.download(item))
+                     for index, item in zip(indices, items)}
+            return indices, int(shown_text(entry, "scaleout_count")), files
+        key_server, (key_indices, num_frames, key_data) = await self.on_any("rendering the key frames", render_keys)
         self.progress.set(key_server, "idle")
         self.progress.event(f"{len(key_indices)} key frames rendered on {key_server.label}")
-        key_data = {}
-        for index, item in zip(key_indices, key_items):
-            key_data[index] = self.keep(f"key_{index:05d}.exr", await key_server.download(item))
         key_files = {index: f"rerender_{self.tag}_key_{index:05d}.exr" for index in key_indices}
 
         parts = segments(key_indices, num_frames)
@@ -585,25 +584,23 @@ class Job:
         if len(queue.results) < len(parts):
             raise UserError("every server was lost before the propagation finished; start them again and re-run", 2)
 
-        frame_files = []
-        frame_data = {index: key_data[index] for index in key_indices}
-        for segment, (_, files) in queue.results.items():
+        frame_data = dict(key_data)
+        for _, files in queue.results.values():
             frame_data.update(files)
-        for index in range(num_frames):
-            frame_files.append(f"rerender_{self.tag}_frame_{index:05d}.exr")
+        frame_files = [f"rerender_{self.tag}_frame_{index:05d}.exr" for index in range(num_frames)]
 
         async def stitch(server):
             for index, name in enumerate(frame_files):
                 await server.upload(name, frame_data[index].read_bytes())
             await self.upload_video(server)
             prompt = stitch_prompt(pipeline, frame_files, width, height)
-            return await server.run_prompt(prompt, self.progress.follower(server, "video", prompt))
-        video_server, entry = await self.on_any("writing the video", stitch)
-        videos = [item for output in entry["outputs"].values() if output.get("animated")
-                  for item in output.get("images", [])]
-        if not videos:
-            raise UserError("the workflow finished but saved no video (does it end in a Save Video node?)", 1)
-        data = await video_server.download(videos[-1])
+            entry = await server.run_prompt(prompt, self.progress.follower(server, "video", prompt))
+            videos = [item for output in entry["outputs"].values() if output.get("animated")
+                      for item in output.get("images", [])]
+            if not videos:
+                raise UserError("the workflow finished but saved no video (does it end in a Save Video node?)", 1)
+            return await server.download(videos[-1])
+        video_server, data = await self.on_any("writing the video", stitch)
         self.progress.set(video_server, "idle")
         self.progress.close()
         by_server = {}
