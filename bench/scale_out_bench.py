@@ -1,9 +1,10 @@
 """Wall time of the main job on one ComfyUI server vs spread over several (`run_headless.py --servers`), all on this
 machine, with the test suite's random-weight models: the one-server run (`--server`), the scale-out job on one
 server and on all of them. Checks that the videos' frames are identical. On one machine the servers share its
-cores, so this shows the mechanism's overhead, not the speed-up of separate machines.
+cores, so this shows the mechanism's overhead, not the speed-up of separate machines. Every run gets freshly
+started servers (server start-up is not timed), so the host's cache answers nothing from an earlier run.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/scale_out_bench.py --servers 3 --frames 21 --size 64 --interval 5
+    COMFYUI_PATH=/path/to/ComfyUI python bench/scale_out_bench.py --servers 3 --frames 13 --size 64 --interval 4
 """
 import argparse
 import shutil
@@ -51,10 +52,10 @@ def frames_of(path: Path) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", type=int, default=3)
-    parser.add_argument("--frames", type=int, default=21)
+    parser.add_argument("--frames", type=int, default=13)
     parser.add_argument("--size", type=int, default=64, help="frame width and height after Upscale Image")
     parser.add_argument("--steps", type=int, default=3, help="Key Frame Sampler steps")
-    parser.add_argument("--interval", type=int, default=5, help="Key Frame Picker interval")
+    parser.add_argument("--interval", type=int, default=4, help="Key Frame Picker interval")
     parser.add_argument("--unet", choices=["sd15", "test"], default="test",
                         help="test: the test suite's reduced UNet (default); sd15: SD1.5's full UNet")
     parser.add_argument("--clip", type=Path, default=SHARED_DATA / "videos" / "car_turn_480x480_10fps.mp4")
@@ -63,7 +64,6 @@ def main() -> None:
     if comfy_path is None:
         raise SystemExit(f"scale_out_bench: {reason}")
     work = Path(tempfile.mkdtemp(prefix="rerender_scale_out_"))
-    servers = []
     try:
         bases = [make_base_directory(work / f"server_{i}") for i in range(args.servers)]
         write_models(comfy_path, bases[0], args.unet)
@@ -72,18 +72,21 @@ def main() -> None:
                 shutil.copytree(bases[0] / "models" / folder, base / "models" / folder, dirs_exist_ok=True)
         clip = work / "clip.mp4"
         write_clip(args.clip, clip, args.frames)
-        servers = [HostServer(comfy_path, base).start() for base in bases]
-        urls = [server.url for server in servers]
-        times = {
-            "one server, run_headless --server": job(args, clip, work / "one.mp4", "--server", urls[0]),
-            "one server, --servers": job(args, clip, work / "scale_1.mp4", "--servers", urls[0]),
-            f"{args.servers} servers, --servers": job(args, clip, work / "scale_n.mp4", "--servers", ",".join(urls)),
-        }
+        runs = {"one server, run_headless --server": (1, "one.mp4", "--server"),
+                "one server, --servers": (1, "scale_1.mp4", "--servers"),
+                f"{args.servers} servers, --servers": (args.servers, "scale_n.mp4", "--servers")}
+        times = {}
+        for what, (count, output, option) in runs.items():
+            # freshly started servers for every run: the host's cache must not answer for an earlier run
+            servers = [HostServer(comfy_path, base).start() for base in bases[:count]]
+            try:
+                times[what] = job(args, clip, work / output, option, ",".join(server.url for server in servers))
+            finally:
+                for server in servers:
+                    server.stop()
         reference = frames_of(work / "one.mp4")
         same = [np.array_equal(reference, frames_of(work / name)) for name in ("scale_1.mp4", "scale_n.mp4")]
     finally:
-        for server in servers:
-            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"scale-out: {args.frames} frames x {args.size}x{args.size}, key frame interval {args.interval}, "
           f"{args.steps} steps, {args.unet} UNet, servers on one machine")
