@@ -11,8 +11,8 @@ order, into the video with the workflow's own output nodes.
 
 Nothing is shared but HTTP: inputs go up through /upload/image, outputs come down through /view. Images travel as
 32-bit float EXR (Save Image (Advanced), read back by Load Image), so the video equals the one-server run's bit for
-bit: the host reads an EXR back exactly when the width is a multiple of 32, and narrower strips are padded to one
-(Pad Image for Outpainting) and cropped back (Image Crop) around the transfer.
+bit: the host reads an EXR back exactly when its width is a multiple of 32, so frames of other widths are padded
+to one (Pad Image for Outpainting) before the transfer and cropped back (Image Crop) after it.
 """
 import asyncio
 import copy
