@@ -4,6 +4,8 @@
 
 Uploads the video, checks every model file and node the workflow names against the server before queueing,
 queues it (POST /prompt), follows the websocket with a progress bar, and downloads the saved video.
+With `--servers URL,URL,...` the job is spread over several servers (see scale_out.py): key frames on the first,
+propagation intervals on all of them, an interval re-queued elsewhere if its server is lost.
 Needs `aiohttp` (installed with ComfyUI). Exit codes: 0 done, 1 the workflow failed, 2 no server, 3 bad input
 (nothing queued), 130 interrupted with Ctrl-C (this client's prompt is taken off the queue or stopped).
 """
@@ -41,6 +43,9 @@ def parse_args(argv):
     parser.add_argument("--video", required=True, type=Path, help="input video file")
     parser.add_argument("--output", required=True, type=Path, help="where to write the output video")
     parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI server: HOST:PORT or a URL")
+    parser.add_argument("--servers", metavar="URL,URL,...",
+                        help="several ComfyUI servers (HOST:PORT or URLs, comma-separated): key frames rendered on "
+                             "the first, the propagation intervals spread over all; replaces --server")
     parser.add_argument("--workflow", default=DEFAULT_WORKFLOW, type=Path,
                         help="API-format workflow JSON (default: workflows/api/rerender_full_pipeline.json)")
     parser.add_argument("--prompt", help="positive prompt (the text encoder wired to the sampler's positive input)")
@@ -81,14 +86,17 @@ def prompt_text_node(prompt: dict, which: str) -> str:
     raise UserError(f"the workflow has no text prompt wired to a sampler's '{which}' input", 3)
 
 
-def input_specs(info: dict) -> dict:
-    """Input name -> spec from one /object_info entry, with a dynamic combo's nested inputs as `combo.name`."""
+def input_specs(info: dict, values: dict = None) -> dict:
+    """Input name -> spec from one /object_info entry, with a dynamic combo's nested inputs as `combo.name`: those
+    of the option chosen in `values` (a node's inputs) when given, else the first option's that has the name."""
     specs = {}
     for section in ("required", "optional"):
         for name, spec in info["input"].get(section, {}).items():
             specs[name] = spec
             if spec[0] == DYNAMIC_COMBO:
-                for option in spec[1].get("options", []):
+                options = spec[1].get("options", [])
+                chosen = [o for o in options if values is not None and o.get("key") == values.get(name)]
+                for option in chosen or options:
                     for nested_section in option.get("inputs", {}).values():
                         for nested, nested_spec in nested_section.items():
                             specs.setdefault(f"{name}.{nested}", nested_spec)
@@ -184,7 +192,7 @@ def check_against_server(prompt: dict, object_info: dict) -> None:
         if info is None:
             raise UserError(f"node type '{node['class_type']}' ({title}) is not installed on the server; install "
                             "the pack that provides it and restart ComfyUI", 3)
-        specs = input_specs(info)
+        specs = input_specs(info, node["inputs"])
         for name, value in node["inputs"].items():
             options = combo_options(specs[name]) if name in specs else None
             if options is None or isinstance(value, list) or value in options:
@@ -289,6 +297,9 @@ async def run(args) -> Path:
     if not args.video.is_file():
         raise UserError(f"input video '{args.video}' does not exist", 3)
     prompt = read_workflow(args.workflow)
+    if args.servers:
+        import scale_out
+        return await scale_out.run(args, prompt)
     url = server_url(args.server)
     client_id = uuid.uuid4().hex
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
@@ -361,4 +372,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import run_headless  # the module scale_out imports too: one UserError class for both, not a __main__ copy
+    sys.exit(run_headless.main())
