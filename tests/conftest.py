@@ -114,4 +114,13 @@ def server(host, tmp_path_factory, shared_data):
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def sdxl_models(server) -> dict:
+    """A tiny SDXL checkpoint (detected by the host as SDXL; the host's full-size CLIP-L + OpenCLIP-G, random
+    weights) and an SDXL-layout ControlNet in the running server's model folders, written on first use:
+    {"checkpoint": "tiny_sdxl.safetensors", "controlnet": "tiny_sdxl_control.safetensors"}."""
+    from tiny_models import write_sdxl_models
+    return write_sdxl_models(server.base)
+
+
 CLIP_FRAMES, CLIP_FPS = 6, 10
