@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import CLIP_FPS, CLIP_FRAMES
+from test_cross_frame_attention_host import controller_of, patch
 from test_workflows_host import WORKFLOWS, for_tiny_models, saved_files, video_frames_and_fps
+from tiny_models import TINY_SDXL_UNET, tiny_sdxl
 
 # SDXL's decoder self-attention: output blocks 0-2 with 10 transformers each, 3-5 with 2 (blocks 6-8 have none).
 SDXL_DECODER_LAYERS = 3 * 10 + 3 * 2
@@ -21,6 +23,22 @@ def for_tiny_sdxl(prompt: dict, sdxl_models: dict) -> dict:
         elif node["class_type"] == "ControlNetLoader":
             node["inputs"]["control_net_name"] = sdxl_models["controlnet"]
     return prompt
+
+
+def test_cross_frame_attention_takes_sdxls_decoder_layers(host):
+    """SDXL's depths and widths (at 1/10 of the width): 30 decoder self-attention layers at the widest level and
+    6 at the next; "loose" keeps those 6, as it keeps SD1.5's two finer levels."""
+    depths = dict(transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                  transformer_depth_middle=10)
+    model = tiny_sdxl(0, dict(TINY_SDXL_UNET, **depths))
+    layers = host.pack_module("nodes.cross_frame_attention").decoder_self_attention_layers(model)
+    widest = {("output", n, i) for n in range(3) for i in range(10)}
+    finer = {("output", n, i) for n in range(3, 6) for i in range(2)}
+    assert set(layers) == widest | finer and len(layers) == SDXL_DECODER_LAYERS
+    assert {layers[key] for key in widest} == {4 * TINY_SDXL_UNET["model_channels"]}
+    assert {layers[key] for key in finer} == {2 * TINY_SDXL_UNET["model_channels"]}
+    assert controller_of(host, patch(host, model)).layers == frozenset(layers)
+    assert controller_of(host, patch(host, model, layers="loose")).layers == frozenset(finer)
 
 
 def test_tiny_checkpoint_is_detected_as_sdxl(host, server, sdxl_models):
@@ -43,7 +61,7 @@ def test_tiny_checkpoint_is_detected_as_sdxl(host, server, sdxl_models):
 def test_sdxl_video_workflow_runs_and_keeps_frame_count_and_rate(server, sdxl_models):
     prompt = for_tiny_sdxl(json.loads((WORKFLOWS / "api" / "rerender_full_pipeline_sdxl.json").read_text()),
                            sdxl_models)
-    messages, entry = server.queue(prompt)
+    messages, entry = server.queue(prompt, timeout_s=900)
     errors = [m["data"] for m in messages if m["type"] == "execution_error"]
     assert not errors, errors[0].get("exception_message", errors) if errors else None
     assert entry["status"]["status_str"] == "success"
