@@ -114,4 +114,17 @@ def server(host, tmp_path_factory, shared_data):
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def sdxl_models(server) -> dict:
+    """A tiny SDXL checkpoint (detected by the host as SDXL; the host's full-size CLIP-L + OpenCLIP-G, random
+    weights) and an SDXL-layout ControlNet in the running server's model folders, written on first use:
+    {"checkpoint": "tiny_sdxl.safetensors", "controlnet": "tiny_sdxl_control.safetensors"}. Removed after the session
+    (2.3 GB on disk)."""
+    from tiny_models import write_sdxl_models
+    names = write_sdxl_models(server.base)
+    yield names
+    for folder, name in (("checkpoints", names["checkpoint"]), ("controlnet", names["controlnet"])):
+        (server.base / "models" / folder / name).unlink(missing_ok=True)
+
+
 CLIP_FRAMES, CLIP_FPS = 6, 10

@@ -102,17 +102,25 @@ def save_tiny_checkpoint(path, seed: int = 0, unet_config: dict = SD15_WIDTH_UNE
     import comfy.model_management as mm
     import comfy.sd
     import comfy.supported_models
-    from comfy.ldm.models.autoencoder import AutoencoderKL
     model = tiny_sd15(seed, unet_config)
     clip = comfy.sd.CLIP(comfy.supported_models.SD15(copy.deepcopy(TINY_SD15_UNET)).clip_target(), embedding_directory=None)
     init_parameters(clip.cond_stage_model, seed + 1)
+    comfy.sd.save_checkpoint(str(path), model, clip, checkpoint_sd_vae(seed + 2))
+    mm.unload_all_models()
+
+
+def checkpoint_sd_vae(seed: int, decoder_channels: int = 128):
+    """A random-weight VAE in the layout the host's checkpoint loader assumes for SD1.x, SD2.x and SDXL alike (SD's
+    AutoencoderKL: 4 latent channels at 1/8; the model's latent format sets the scale). The loader reads the
+    decoder's width from its weights, so a thinner decoder (SD: 128 base channels) keeps decoding cheap."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae_module = AutoencoderKL(embed_dim=4, ddconfig=ddconfig)  # the SD VAE layout the checkpoint loader assumes
-    init_parameters(vae_module, seed + 2)
-    vae = comfy.sd.VAE(sd=vae_module.state_dict())
-    comfy.sd.save_checkpoint(str(path), model, clip, vae)
-    mm.unload_all_models()
+    thinner = {} if decoder_channels == 128 else {"decoder_ddconfig": dict(ddconfig, ch=decoder_channels)}
+    vae_module = AutoencoderKL(embed_dim=4, ddconfig=ddconfig, **thinner)
+    init_parameters(vae_module, seed)
+    return comfy.sd.VAE(sd=vae_module.state_dict())
 
 
 def save_tiny_controlnet(path, seed: int = 0, unet_config: dict = SD15_WIDTH_UNET) -> None:
@@ -183,3 +191,56 @@ def with_unit_norm_gains(model):
             if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
                 module.weight.fill_(1.0)
     return model
+
+
+# SDXL's own layout as the host's checkpoint detector recognises it (320 base channels, transformer depths
+# [0, 0, 2, 2, 10, 10] in the encoder and decoder, 2048-d context, 2816-d adm, linear projections, 64-channel heads),
+# at one width on every level (SDXL widens to 640 and 1280) and with one transformer in the middle block (SDXL: 10;
+# the detector does not look at it): the UNet of the on-disk SDXL test checkpoint.
+SDXL_DETECTED_UNET = dict(TINY_SDXL_UNET, model_channels=320, channel_mult=[1, 1, 1],
+                          transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                          transformer_depth_middle=1)
+# Its ControlNet: the encoder half of that UNet, with one transformer per attention block (as the "small"/"mid"
+# SDXL ControlNets thin theirs out). The host loads an LDM-format ControlNet of any such layout with the layout it
+# reads from the weights (logging "no match": no model class has these depths).
+SDXL_CONTROLNET_UNET = dict(SDXL_DETECTED_UNET, transformer_depth=[0, 0, 1, 1, 1, 1], transformer_depth_middle=1,
+                            num_heads=-1, num_head_channels=64)
+
+
+def save_tiny_sdxl_checkpoint(path, seed: int = 0, unet_config: dict = SDXL_DETECTED_UNET) -> None:
+    """A loadable SDXL checkpoint for tests that go through the host's CheckpointLoaderSimple: the UNet above,
+    the host's CLIP-L + OpenCLIP-G text encoders (its fixed configs: full size, random weights) and SD's VAE layout.
+    The host detects it as SDXL (latent format, adm size conditioning, the two-encoder CLIP). The UNet is stored in
+    float16 (the host loads it at the dtype it computes in), the VAE with a thin decoder (see checkpoint_sd_vae)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    model_config = comfy.supported_models.SDXL(copy.deepcopy(unet_config))
+    model_config.set_inference_dtype(torch.float16, torch.float32)
+    model = _patcher(model_config.get_model({}), seed)
+    clip = comfy.sd.CLIP(model_config.clip_target(), embedding_directory=None)
+    init_parameters(clip.cond_stage_model, seed + 1)
+    comfy.sd.save_checkpoint(str(path), model, clip, checkpoint_sd_vae(seed + 2, decoder_channels=32))
+    mm.unload_all_models()
+
+
+def save_tiny_sdxl_controlnet(path, seed: int = 0, unet_config: dict = SDXL_CONTROLNET_UNET) -> None:
+    """An SDXL-layout ControlNet for save_tiny_sdxl_checkpoint's UNet (the same blocks and widths, so its residuals
+    fit), as an LDM-format safetensors file."""
+    save_tiny_controlnet(path, seed, unet_config)
+
+
+SDXL_CHECKPOINT_NAME, SDXL_CONTROLNET_NAME = "tiny_sdxl.safetensors", "tiny_sdxl_control.safetensors"
+
+
+def write_sdxl_models(base, seed: int = 0) -> dict:
+    """Writes the tiny SDXL checkpoint and its ControlNet where a ComfyUI with base directory `base` finds them
+    (models/checkpoints, models/controlnet) and returns their file names: {"checkpoint": ..., "controlnet": ...}."""
+    from pathlib import Path
+    models = Path(base) / "models"
+    for folder in ("checkpoints", "controlnet"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    save_tiny_sdxl_checkpoint(models / "checkpoints" / SDXL_CHECKPOINT_NAME, seed)
+    save_tiny_sdxl_controlnet(models / "controlnet" / SDXL_CONTROLNET_NAME, seed)
+    return {"checkpoint": SDXL_CHECKPOINT_NAME, "controlnet": SDXL_CONTROLNET_NAME}

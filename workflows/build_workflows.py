@@ -264,21 +264,25 @@ def by_key(workflow: Workflow, key: str) -> Node:
     return next(n for n in workflow.nodes if n.key == key)
 
 
-def shipped_workflows() -> list:
-    save_video = dict(ui_widgets=["rerender/video", "auto", "auto"],
-                      values={"filename_prefix": "rerender/video", "format": "auto"},
-                      api_extra={"format.codec": "auto"})
-    input_video = [
+def input_video_at(size: int) -> list:
+    """Load Video, its frames and frame rate, the frames scaled (center crop) to size x size."""
+    return [
         Node("load", "LoadVideo", values={"file": "input.mp4"}, ui_widgets=["input.mp4", "image"]),
         Node("components", "GetVideoComponents", links={"video": ("load", 0)}),
-        Node("scale", "ImageScale", values={"width": 512, "height": 512, "crop": "center"},
+        Node("scale", "ImageScale", values={"width": size, "height": size, "crop": "center"},
              links={"image": ("components", 0)}),
     ]
-    full = Workflow("rerender_full_pipeline", input_video + [
+
+
+def video_to_video(name: str, title: str, input_video: list, save_video: dict, checkpoint: str,
+                   controlnet: str) -> Workflow:
+    """The full Rerender pipeline: key frames, flow and canny hints, cross-frame attention, the key frame
+    sampler, propagation, the video at the source frame rate."""
+    return Workflow(name, input_video + [
         Node("picker", "Rerender_KeyframePicker", links={"frames": ("scale", 0)}),
         Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
         Node("canny", "Canny", links={"image": ("scale", 0)}),
-        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+        Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": checkpoint}),
         Node("lora", "LoraLoader", bypass=True,
              links={"model": ("checkpoint", 0), "clip": ("checkpoint", 1)}),
         Node("positive", "CLIPTextEncode", values={"text": "a beautiful oil painting, best quality, "
@@ -287,7 +291,7 @@ def shipped_workflows() -> list:
         Node("negative", "CLIPTextEncode", values={"text": "longbody, lowres, bad anatomy, bad hands, "
                                                                           "missing fingers, cropped, worst quality"},
              links={"clip": ("lora", 1)}),
-        Node("controlnet", "ControlNetLoader", values={"control_net_name": "control_v11p_sd15_canny.pth"}),
+        Node("controlnet", "ControlNetLoader", values={"control_net_name": controlnet}),
         Node("apply_controlnet", "ControlNetApplyAdvanced",
              values={"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
              links={"positive": ("positive", 0), "negative": ("negative", 0), "control_net": ("controlnet", 0),
@@ -307,7 +311,20 @@ def shipped_workflows() -> list:
                "Model and prompts": ["checkpoint", "lora", "positive", "negative", "controlnet"],
                "Key frame rendering": ["attention", "apply_controlnet", "sampler"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title="Rerender - video to video")
+        title=title)
+
+
+def shipped_workflows() -> list:
+    save_video = dict(ui_widgets=["rerender/video", "auto", "auto"],
+                      values={"filename_prefix": "rerender/video", "format": "auto"},
+                      api_extra={"format.codec": "auto"})
+    input_video = input_video_at(512)
+    full = video_to_video("rerender_full_pipeline", "Rerender - video to video", input_video, save_video,
+                          "v1-5-pruned-emaonly.safetensors", "control_v11p_sd15_canny.pth")
+    # The same graph for SDXL: its checkpoint, an SDXL canny ControlNet and SDXL's native 1024x1024 frames.
+    full_sdxl = video_to_video("rerender_full_pipeline_sdxl", "Rerender - SDXL video to video",
+                               input_video_at(1024), save_video, "sd_xl_base_1.0.safetensors",
+                               "diffusers_xl_canny_full.safetensors")
 
     propagation = Workflow("rerender_propagation_only", input_video + [
         Node("picker", "Rerender_KeyframePicker", values={"mode": "list", "index_list": "0,-1"},
@@ -460,7 +477,7 @@ def shipped_workflows() -> list:
                "FRESCO key frames": ["apply_controlnet", "fresco"],
                "Propagation and output": ["propagator", "create", "save"]},
         title="Rerender - FRESCO")
-    return [full, propagation, img2img, roundtrip, tokenflow, tune_a_video, fresco]
+    return [full, full_sdxl, propagation, img2img, roundtrip, tokenflow, tune_a_video, fresco]
 
 
 def build(nodes_module) -> list:
