@@ -425,7 +425,11 @@ class FrescoRenderer:
         self.patches = FrescoPatches(self.settings, up_block_inputs(self.model), dict(
             self.model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})))
         patched = self.model.clone()
-        for name, number, index in fresco_layers(self.model):
+        layers = fresco_layers(self.model)
+        self.stats.report.append(f"FRESCO-guided attention on {len(layers)} decoder self-attention layers (output "
+                                 f"blocks {sorted({number for _, number, _ in layers})}); feature optimisation on "
+                                 f"{len(self.patches.up_inputs)} up-block inputs")
+        for name, number, index in layers:
             patched.set_model_attn1_replace(self.patches.attention, name, number, index)
         patched.set_model_output_block_patch(self.patches.up_block_input)
         results: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}

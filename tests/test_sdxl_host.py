@@ -75,3 +75,20 @@ def test_sdxl_video_workflow_runs_and_keeps_frame_count_and_rate(server, sdxl_mo
     report = "\n".join(entry["outputs"][sampler]["text"])
     assert "attention cache peak 0.0 MiB" not in report and "fell back" not in report, report
     assert "skipped" not in report and "no Cross-Frame Attention" not in report, report
+
+
+def test_fresco_workflow_serves_sdxl_too(server, sdxl_models):
+    """The one FRESCO workflow with the SDXL checkpoint and ControlNet in place of SD1.5's: it runs, keeps the frame
+    count and rate, and guides SDXL's finest decoder attention (the 6 layers of output blocks 3-5 here)."""
+    prompt = for_tiny_sdxl(json.loads((WORKFLOWS / "api" / "rerender_fresco_pipeline.json").read_text()),
+                           sdxl_models)
+    messages, entry = server.queue(prompt, timeout_s=900)
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert not errors, errors[0].get("exception_message", errors) if errors else None
+    (video,) = saved_files(server, entry)
+    frames, fps = video_frames_and_fps(video)
+    assert frames == CLIP_FRAMES and fps == pytest.approx(CLIP_FPS, abs=0.01)
+    node = next(key for key, node in prompt.items() if node["class_type"] == "Rerender_FrescoKeyFrames")
+    report = "\n".join(entry["outputs"][node]["text"])
+    assert "on 6 decoder self-attention layers (output blocks [3, 4, 5])" in report, report
+    assert "feature optimisation, spatial loss" in report, report
