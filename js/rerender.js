@@ -5,7 +5,7 @@
 //    websocket messages (a message's `text`, when it has one, is shown as it is).
 //  - Texts are cleared when a run starts, and put back for the nodes the run takes from the server's cache (their
 //    result is the one shown before); a run that fails or is interrupted clears the progress lines it left.
-//  - Key Frame Picker: only the chosen mode's widgets are shown.
+//  - Key Frame Picker: only the chosen mode's widgets are shown, and cut_threshold only with split_at_cuts on.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -87,8 +87,10 @@ function showModeWidgets(node) {
     const mode = node.widgets?.find((w) => w.name === "mode")?.value;
     const shown = new Set(MODE_WIDGETS[mode] ?? []);
     const modeOnly = new Set(Object.values(MODE_WIDGETS).flat());
+    const splitAtCuts = node.widgets?.find((w) => w.name === "split_at_cuts")?.value;
     for (const widget of node.widgets ?? []) {
         if (modeOnly.has(widget.name)) widget.hidden = !shown.has(widget.name);
+        if (widget.name === "cut_threshold") widget.hidden = !splitAtCuts;
     }
     node.setSize?.([node.size[0], node.computeSize()[1]]);
     app.graph?.setDirtyCanvas(true, true);
@@ -122,11 +124,12 @@ app.registerExtension({
             const onNodeCreated = nodeType.prototype.onNodeCreated;
             nodeType.prototype.onNodeCreated = function () {
                 const result = onNodeCreated?.apply(this, arguments);
-                const mode = this.widgets?.find((w) => w.name === "mode");
-                if (mode) {
-                    const callback = mode.callback;
-                    mode.callback = (...args) => {
-                        const out = callback?.apply(mode, args);
+                for (const name of ["mode", "split_at_cuts"]) {
+                    const widget = this.widgets?.find((w) => w.name === name);
+                    if (!widget) continue;
+                    const callback = widget.callback;
+                    widget.callback = (...args) => {
+                        const out = callback?.apply(widget, args);
                         showModeWidgets(this);
                         return out;
                     };

@@ -12,7 +12,8 @@ from pathlib import Path
 from host_compat import PACK_DIR_NAME, REPO_ROOT
 from test_frontend_host import FRONTEND_TESTS, UI_WORKFLOWS, browser_tools  # noqa: F401 (fixture)
 
-MODE_WIDGETS = {"uniform": {"interval", "include_last"}, "list": {"index_list"}}
+# split_at_cuts applies in every mode; cut_threshold only shows once it is on (off by default)
+MODE_WIDGETS = {"uniform": {"interval", "include_last", "split_at_cuts"}, "list": {"index_list", "split_at_cuts"}}
 
 
 def visible(state) -> set:
