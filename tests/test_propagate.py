@@ -178,6 +178,23 @@ def test_blend_selects_the_pass_with_the_smaller_weighted_error():
     assert selection[:, :10].all() and not selection[:, 10:].any()
 
 
+def test_blend_weighs_each_pixel_by_the_inverse_patch_error_of_each_pass():
+    error_a = torch.ones(HEIGHT, WIDTH)
+    error_b = torch.ones(HEIGHT, WIDTH)
+    error_b[:, :10] = 0.25  # pass B matched its guides 4x better on the left
+    frame_a = propagate.PassFrame(torch.zeros(3, HEIGHT, WIDTH), error_a)
+    frame_b = propagate.PassFrame(torch.ones(3, HEIGHT, WIDTH), error_b)
+    settings = propagate.PropagationSettings(histogram_blend=False, poisson=False)
+    image, _ = propagate.blend_frame(frame_a, frame_b, 0.2, None, None, settings)
+    # equal errors: the temporal weight; elsewhere (0.2 / 0.25) / (0.8 / 1 + 0.2 / 0.25) = 0.5
+    torch.testing.assert_close(image[:, :, 10:], torch.full_like(image[:, :, 10:], 0.2))
+    torch.testing.assert_close(image[:, :, :10], torch.full_like(image[:, :, :10], 0.5))
+    zero_errors = propagate.PassFrame(torch.ones(3, HEIGHT, WIDTH), torch.zeros(HEIGHT, WIDTH))
+    image, _ = propagate.blend_frame(propagate.PassFrame(torch.zeros(3, HEIGHT, WIDTH), torch.zeros(HEIGHT, WIDTH)),
+                                     zero_errors, 0.2, None, None, settings)
+    torch.testing.assert_close(image, torch.full_like(image, 0.2))  # no division by zero
+
+
 def test_blend_weights_follow_the_reference():
     assert [propagate.blend_weight(k, 10) for k in (1, 5, 9)] == [0.0, 4 / 9, 8 / 9]
     assert propagate.blend_weight(1, 2) == 0.0
