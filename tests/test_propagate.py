@@ -133,6 +133,21 @@ def test_incremental_uniformity_bookkeeping_matches_a_full_recount():
     assert float(uniform.std() / uniform.mean()) < 0.05
 
 
+def test_search_basis_does_not_depend_on_the_thread_count():
+    # the propagator's feature stack (style 3 + guides 12 channels): a 375-dim patch basis, where float32 LAPACK
+    # rounded differently with 1 and 2 threads and the search turned that into a different result
+    features = torch.cat([smooth_texture(64, 64, seed=30 + i) for i in range(5)]) * 255
+    threads = torch.get_num_threads()
+    bases = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            bases.append(patchmatch._pca_basis(features, 5, 8, torch.Generator().manual_seed(0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(bases[0], bases[1])
+
+
 def test_synthesis_is_deterministic_for_a_seed():
     style = smooth_texture(HEIGHT, WIDTH, seed=8)
     guides = [patchmatch.Guide(style, torch.roll(style, 2, dims=2).flip(1), 2.0)]
