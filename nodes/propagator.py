@@ -55,7 +55,8 @@ class PatchPropagator(io.ComfyNode):
                                        "radius 30 as the reference (slow on the CPU)."),
                 io.Boolean.Input("histogram_blend", default=DEFAULTS.histogram_blend,
                                  tooltip="Blend the two passes with the histogram-preserving blend in Lab "
-                                         "(reference); off = plain linear blend."),
+                                         "(reference); off = linear blend. Either way each pixel weighs the "
+                                         "passes by the temporal weights over their patch errors."),
                 io.Boolean.Input("poisson_fusion", default=DEFAULTS.poisson,
                                  tooltip="Gradient-domain (screened Poisson) fusion of the blend, taking each "
                                          "pixel's gradients from the better pass (the reference code's 'Gradient "

@@ -12,8 +12,10 @@ clip's. On the CPU whole passes run side by side, one thread each (see `single_t
 
 Departures from the reference, each measured on bench/propagator_bench.py: guides are carried along the flow with
 bilinear instead of nearest sampling; holes in them are filled by a push-pull pyramid in torch by default (the
-reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower); the Poisson fusion is off by default
-(see PropagationSettings); Lab is kept in float rather than rounded to 8 bits.
+reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower); the two passes are mixed with
+per-pixel weights, the reference's temporal weights divided by each pass's patch error (`error_weights`), where the
+reference mixes whole frames with the temporal weights; the Poisson fusion is off by default (see
+PropagationSettings); Lab is kept in float rather than rounded to 8 bits.
 
 Frames are [N,H,W,3] float RGB in 0..1 (ComfyUI IMAGE); internally images are [3,H,W].
 """
@@ -217,10 +219,11 @@ def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 
 def histogram_blend(lab_a: torch.Tensor, lab_b: torch.Tensor, lab_selected: torch.Tensor,
-                    weight_b: float) -> torch.Tensor:
+                    weight_b) -> torch.Tensor:
     """Heitz-Neyret style histogram-preserving blend as the reference does it: both passes standardised (mean 128,
-    std 256/36), mixed with weights (1-w, w), re-centred with the reference's fixed 0.5 divisor, then given the
-    mean/std of the min-error composite per channel, clipped to the 8-bit Lab range (kept in float)."""
+    std 256/36), mixed with weights (1-w, w) (`weight_b`: a number or a per-pixel [H,W] map), re-centred with the
+    reference's fixed 0.5 divisor, then given the mean/std of the min-error composite per channel, clipped to the
+    8-bit Lab range (kept in float)."""
     centre = torch.tensor(128.0, device=lab_a.device)
     spread = torch.tensor(256.0 / 36.0, device=lab_a.device)
     mixed = ((_standardise(lab_a, centre, spread) * (1.0 - weight_b) + _standardise(lab_b, centre, spread) * weight_b
@@ -261,6 +264,17 @@ def screened_poisson(data: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Ten
     return dct_h.t() @ spectrum @ dct_w
 
 
+def error_weights(error_a: torch.Tensor, error_b: torch.Tensor, weight_b: float) -> torch.Tensor:
+    """Per-pixel weight [H,W] of pass B: the temporal weights (1-w, w) each divided by its pass's patch error
+    (inverse-error weighting), normalised. Where a pass matched its guides worse it counts less, smoothly, instead of
+    the reference's one weight per frame; equal errors give w, and w = 0 or 1 stays exact (a single pass). Measured
+    on bench/propagator_bench.py (11 frames, same passes): +0.31 dB on man, +0.08 on car, +0.23 on man:3, +0.58 on
+    car:3 over the per-frame weight; no extra search, a few element-wise operations per frame."""
+    share_a = (1.0 - weight_b) * error_b.float().clamp(min=1e-6)  # errors are SSDs on 0..255: 1e-6 is nothing
+    share_b = weight_b * error_a.float().clamp(min=1e-6)
+    return share_b / (share_a + share_b)
+
+
 def blend_frame(forward: PassFrame, backward: PassFrame, weight_b: float, previous_selection: Optional[torch.Tensor],
                 flow: Optional[torch.Tensor], settings: PropagationSettings) -> tuple:
     """Temporal-aware blending of one in-between frame (reference §3.3). Returns (image [3,H,W], selection [H,W]
@@ -277,11 +291,12 @@ def blend_frame(forward: PassFrame, backward: PassFrame, weight_b: float, previo
         carried = flow_warp(previous_selection.float()[None, None], flow, mode="nearest")[0, 0] > 0.5
         selection = selection | carried
     composite = torch.where(selection[None], backward.image, forward.image)
+    pixel_weight_b = error_weights(forward.error, backward.error, weight_b)
     if not settings.histogram_blend:
-        blended = forward.image * weight_a + backward.image * weight_b
+        blended = forward.image * (1.0 - pixel_weight_b) + backward.image * pixel_weight_b
         return blended, selection
     lab_a, lab_b = rgb_to_lab255(forward.image), rgb_to_lab255(backward.image)
-    blended_lab = histogram_blend(lab_a, lab_b, rgb_to_lab255(composite), weight_b)
+    blended_lab = histogram_blend(lab_a, lab_b, rgb_to_lab255(composite), pixel_weight_b)
     if settings.poisson:
         grad_x = torch.where(selection[None, :, :-1], lab_b[:, :, 1:] - lab_b[:, :, :-1],
                              lab_a[:, :, 1:] - lab_a[:, :, :-1])

@@ -133,6 +133,21 @@ def test_incremental_uniformity_bookkeeping_matches_a_full_recount():
     assert float(uniform.std() / uniform.mean()) < 0.05
 
 
+def test_search_basis_does_not_depend_on_the_thread_count():
+    # the propagator's feature stack (style 3 + guides 12 channels): a 375-dim patch basis, where float32 LAPACK
+    # rounded differently with 1 and 2 threads and the search turned that into a different result
+    features = torch.cat([smooth_texture(64, 64, seed=30 + i) for i in range(5)]) * 255
+    threads = torch.get_num_threads()
+    bases = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            bases.append(patchmatch._pca_basis(features, 5, 8, torch.Generator().manual_seed(0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(bases[0], bases[1])
+
+
 def test_synthesis_is_deterministic_for_a_seed():
     style = smooth_texture(HEIGHT, WIDTH, seed=8)
     guides = [patchmatch.Guide(style, torch.roll(style, 2, dims=2).flip(1), 2.0)]
@@ -176,6 +191,23 @@ def test_blend_selects_the_pass_with_the_smaller_weighted_error():
     settings = propagate.PropagationSettings(histogram_blend=False, poisson=False)
     _, selection = propagate.blend_frame(frame_a, frame_b, 0.5, None, None, settings)
     assert selection[:, :10].all() and not selection[:, 10:].any()
+
+
+def test_blend_weighs_each_pixel_by_the_inverse_patch_error_of_each_pass():
+    error_a = torch.ones(HEIGHT, WIDTH)
+    error_b = torch.ones(HEIGHT, WIDTH)
+    error_b[:, :10] = 0.25  # pass B matched its guides 4x better on the left
+    frame_a = propagate.PassFrame(torch.zeros(3, HEIGHT, WIDTH), error_a)
+    frame_b = propagate.PassFrame(torch.ones(3, HEIGHT, WIDTH), error_b)
+    settings = propagate.PropagationSettings(histogram_blend=False, poisson=False)
+    image, _ = propagate.blend_frame(frame_a, frame_b, 0.2, None, None, settings)
+    # equal errors: the temporal weight; elsewhere (0.2 / 0.25) / (0.8 / 1 + 0.2 / 0.25) = 0.5
+    torch.testing.assert_close(image[:, :, 10:], torch.full_like(image[:, :, 10:], 0.2))
+    torch.testing.assert_close(image[:, :, :10], torch.full_like(image[:, :, :10], 0.5))
+    zero_errors = propagate.PassFrame(torch.ones(3, HEIGHT, WIDTH), torch.zeros(HEIGHT, WIDTH))
+    image, _ = propagate.blend_frame(propagate.PassFrame(torch.zeros(3, HEIGHT, WIDTH), torch.zeros(HEIGHT, WIDTH)),
+                                     zero_errors, 0.2, None, None, settings)
+    torch.testing.assert_close(image, torch.full_like(image, 0.2))  # no division by zero
 
 
 def test_blend_weights_follow_the_reference():
