@@ -47,7 +47,7 @@ def test_a_mistake_is_refused_in_one_line_and_nothing_is_queued(server, args, ex
 
 def start_headless(server, log, *sets):
     """run_headless in the background with the tiny models; returns (process, the prompt id it queued)."""
-    args = [arg for item in HEADLESS_SETS + list(sets) for arg in ("--set", item)]
+    args = [arg for item in HEADLESS_SETS["rerender_full_pipeline"] + list(sets) for arg in ("--set", item)]
     with open(log, "w") as stderr:
         process = subprocess.Popen([sys.executable, str(HEADLESS), "--server", server.url.removeprefix("http://"),
                                     "--video", str(server.base / "input" / "clip.mp4"), "--output",
