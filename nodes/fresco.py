@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..rerender import fresco_optimize as fo
 from .fresco_rendering import NODE_NAME, FrescoRenderer, FrescoSettings, validate_settings
-from .keyframe_sampler import PROGRESS_EVENT
+from .keyframe_sampler import PROGRESS_EVENT, period_inputs
 from .types import KeyFrames, VideoFlow
 from .validation import outside_declared
 
@@ -23,14 +23,6 @@ def _batch_cost_at_512(frames: int) -> str:
     """What a batch of `frames` costs in feature optimisation memory at 512² on SD1.5 (cond + uncond)."""
     kept, peak = fo.memory_totals(fo.feature_optimization_memory(SD15_UP_BLOCK_INPUTS_512, frames))
     return f"{kept / 2 ** 20:.0f} MiB of Gram references + {peak / 2 ** 20:.0f} MiB working set"
-
-
-def _period(prefix: str, label: str, period, note: str):
-    return [io.Float.Input(f"{prefix}_start", default=period[0], min=0.0, max=1.0, step=0.01,
-                           tooltip=f"{label}: first step, as a fraction of the full schedule. {note}"),
-            io.Float.Input(f"{prefix}_end", default=period[1], min=0.0, max=1.0, step=0.01,
-                           tooltip=f"{label}: last step, as a fraction of the full schedule (steps T·start <= i <= "
-                                   f"T·end); start >= end switches it off.")]
 
 
 PERIOD_INPUTS = (("cross_frame", "cross_frame_period"), ("temporal_guided", "temporal_guided_period"),
@@ -99,15 +91,15 @@ class FrescoKeyFrames(io.ComfyNode):
                                      f"anchors + batch_size-2 new keys). Memory grows with it: at 512² on SD1.5 a "
                                      f"batch of 8 costs {_batch_cost_at_512(8)} in feature optimisation, 4 "
                                      f"costs {_batch_cost_at_512(4)}; the UNet itself runs 2×batch_size samples."),
-                *_period("cross_frame", "Efficient cross-frame attention (every frame attends to frame 0 and the "
+                *period_inputs("cross_frame", "Efficient cross-frame attention (every frame attends to frame 0 and the "
                          "regions each later frame newly shows)", d.cross_frame_period, "The reference: all steps."),
                 io.Int.Input("spatial_guided_steps", default=d.spatial_guided_steps, min=0, max=10000,
                              tooltip="Spatial-guided attention (queries re-weighted by the input frame's own "
                                      "self-similarity): for this many executed steps from the first (the "
                                      "reference: 1; 0 = off)."),
-                *_period("temporal_guided", "Temporal-guided attention (along flow trajectories through the "
+                *period_inputs("temporal_guided", "Temporal-guided attention (along flow trajectories through the "
                          "batch)", d.temporal_guided_period, "The reference: while t >= 350 of 1000 (0 to 0.6)."),
-                *_period("optimization", "Feature optimisation of the decoder up-block inputs",
+                *period_inputs("optimization", "Feature optimisation of the decoder up-block inputs",
                          d.optimization_period, "The reference: the first 15 of 20 steps (0 to 0.7)."),
                 io.Boolean.Input("spatial_loss", default=d.spatial_loss,
                                  tooltip="Feature optimisation's spatial (intra-frame Gram) loss: keeps each frame's "
@@ -119,7 +111,7 @@ class FrescoKeyFrames(io.ComfyNode):
                              tooltip="Adam iterations per optimised step and layer (the reference: 20)."),
                 io.Float.Input("learning_rate", default=d.learning_rate, min=0.001, max=10.0, step=0.01,
                                tooltip="Adam learning rate (the paper: 0.4; its code: 0.2)."),
-                *_period("smoothing", "Background smoothing of x̂0 (needs `mask`)", d.smoothing_period,
+                *period_inputs("smoothing", "Background smoothing of x̂0 (needs `mask`)", d.smoothing_period,
                          "The reference: steps 16 and 17 of 20 (0.8 to 0.85)."),
                 VideoFlow.Input("flow", optional=True,
                                 tooltip="Flow of these frames (Flow Estimation); needed by cross-frame and temporal-"

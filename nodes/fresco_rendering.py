@@ -30,9 +30,8 @@ from ..rerender import fresco_attention as fa
 from ..rerender import fresco_optimize as fo
 from ..rerender import keyframe_constraints as constraints
 from ..rerender.evaluation_plan import Evaluation
-from .control_hints import check_control_hints, conditioning_for_frames
-from .fidelity_encode import check_vae_size
-from .keyframe_rendering import CountingVAE, RenderStats, Schedule
+from .control_hints import conditioning_for_frames
+from .keyframe_rendering import CountingVAE, RenderStats, Schedule, check_render_inputs
 from .steered_sampling import SteeringHooks, refusal, steered_sampler
 
 NODE_NAME = "FRESCO Key Frames"
@@ -359,35 +358,17 @@ class FrescoRenderer:
     # ------------------------------------------------------------------------------------------------ validation
     def _validate(self, vae) -> None:
         frames, s = self.frames, self.settings
-        if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
-            raise ValueError(f"{NODE_NAME}: `frames` must be a non-empty IMAGE batch [N,H,W,3].")
-        n = frames.shape[0]
-        if getattr(self.keyframes, "num_frames", None) != n:
-            raise ValueError(f"{NODE_NAME}: `keyframes` were picked for {getattr(self.keyframes, 'num_frames', '?')} "
-                             f"frames but `frames` has {n}; pick the key frames from the same clip.")
         problem = validate_settings(s)
         if problem:
             raise ValueError(problem)
+        self.vae_factor = check_render_inputs(NODE_NAME, frames, self.keyframes, self.flow, self.model, vae,
+                                              self.positive, self.negative)
         try:
             fresco.validate_batching(self.keyframes.indices, s.batch_size)
+            if self.mask is not None:
+                fresco.background_from_foreground(self.mask, frames.shape[0], (8, 8))
         except ValueError as error:
             raise ValueError(f"{NODE_NAME}: {error}") from None
-        if self.flow is not None and not self.flow.matches_clip(frames, self.keyframes.indices):
-            raise ValueError(f"{NODE_NAME}: `flow` was estimated on another clip ({self.flow.num_frames} frames of "
-                             f"{self.flow.width}x{self.flow.height}, different pictures at the key frames) than "
-                             f"`frames` ({n} of {frames.shape[2]}x{frames.shape[1]}); compute the flow on these "
-                             f"frames.")
-        if self.mask is not None:
-            try:
-                fresco.background_from_foreground(self.mask, n, (8, 8))
-            except ValueError as error:
-                raise ValueError(f"{NODE_NAME}: {error}") from None
-        check_control_hints({"positive": self.positive, "negative": self.negative}, n, NODE_NAME)
-        model_channels = self.model.get_model_object("latent_format").latent_channels
-        if vae.latent_channels != model_channels:
-            raise ValueError(f"{NODE_NAME}: the VAE makes {vae.latent_channels}-channel latents but the model "
-                             f"expects {model_channels}; use the VAE that belongs to the model.")
-        self.vae_factor = check_vae_size(frames, vae, NODE_NAME, "frames")
 
     def _executed(self, steps) -> List[int]:
         return self.schedule.executed_steps(steps)

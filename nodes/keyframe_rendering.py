@@ -109,6 +109,28 @@ class Schedule:
         return cls(full, ksampler.sigmas)
 
 
+def check_render_inputs(node: str, frames, keyframes, flow, model, vae, positive, negative) -> int:
+    """The checks every key frame renderer makes before sampling, so a wrong wire fails at once with a message that
+    says which: the frames batch, key frames of another clip, a flow of another clip, per-frame hints of another
+    length, a VAE of another model family or a size it would crop. Returns the VAE's spatial factor."""
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"{node}: `frames` must be a non-empty IMAGE batch [N,H,W,3].")
+    n = frames.shape[0]
+    if getattr(keyframes, "num_frames", None) != n:
+        raise ValueError(f"{node}: `keyframes` were picked for {getattr(keyframes, 'num_frames', '?')} "
+                         f"frames but `frames` has {n}; pick the key frames from the same clip.")
+    if flow is not None and not flow.matches_clip(frames, keyframes.indices):
+        raise ValueError(f"{node}: `flow` was estimated on another clip ({flow.num_frames} frames of "
+                         f"{flow.width}x{flow.height}, different pictures at the key frames) than `frames` ({n} of "
+                         f"{frames.shape[2]}x{frames.shape[1]}); compute the flow on these frames.")
+    check_control_hints({"positive": positive, "negative": negative}, n, node)
+    model_channels = model.get_model_object("latent_format").latent_channels
+    if vae.latent_channels != model_channels:
+        raise ValueError(f"{node}: the VAE makes {vae.latent_channels}-channel latents but the model "
+                         f"expects {model_channels}; use the VAE that belongs to the model.")
+    return check_vae_size(frames, vae, node, "frames")
+
+
 class KeyframePass(SteeringHooks):
     """What one pass does at each model evaluation (steered_sampling hooks).
 
@@ -242,28 +264,13 @@ class KeyframeRenderer:
 
     # ------------------------------------------------------------------------------------------------ validation
     def _validate(self, vae) -> None:
-        s, frames = self.settings, self.frames
-        if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
-            raise ValueError(f"{NODE_NAME}: `frames` must be a non-empty IMAGE batch [N,H,W,3].")
-        n = frames.shape[0]
-        if getattr(self.keyframes, "num_frames", None) != n:
-            raise ValueError(f"{NODE_NAME}: `keyframes` were picked for {getattr(self.keyframes, 'num_frames', '?')} "
-                             f"frames but `frames` has {n}; pick the key frames from the same clip.")
-        problem = validate_settings(s)
+        problem = validate_settings(self.settings)
         if problem:
             raise ValueError(problem)
-        check_control_hints({"positive": self.positive, "negative": self.negative}, n, NODE_NAME)
-        flow_shape = None if self.flow is None else (self.flow.num_frames, self.flow.height, self.flow.width)
-        if flow_shape is not None and flow_shape != (n, *frames.shape[1:3]):
-            raise ValueError(f"{NODE_NAME}: `flow` covers {self.flow.num_frames} frames of "
-                             f"{self.flow.width}x{self.flow.height} but `frames` is {n} of "
-                             f"{frames.shape[2]}x{frames.shape[1]}; compute the flow on these frames.")
-        model_channels = self.model.get_model_object("latent_format").latent_channels
-        if vae.latent_channels != model_channels:
-            raise ValueError(f"{NODE_NAME}: the VAE makes {vae.latent_channels}-channel latents but the model "
-                             f"expects {model_channels}; use the VAE that belongs to the model.")
-        factor = check_vae_size(frames, vae, NODE_NAME, "frames")
-        self.latent_shape = (1, model_channels, frames.shape[1] // factor, frames.shape[2] // factor)
+        factor = check_render_inputs(NODE_NAME, self.frames, self.keyframes, self.flow, self.model, vae,
+                                     self.positive, self.negative)
+        channels = vae.latent_channels
+        self.latent_shape = (1, channels, self.frames.shape[1] // factor, self.frames.shape[2] // factor)
 
     def _check_flow_needed(self) -> None:
         uses_flow = self.schedule.executed_steps(self.shape_steps) or self.blend_steps

@@ -22,11 +22,12 @@ def _fraction(name: str, default: float, tooltip: str):
     return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
 
 
-def _period_inputs(prefix: str, label: str, period, note: str):
+def period_inputs(prefix: str, label: str, period, note: str):
+    """A constraint's active period as two widgets, `<prefix>_start` and `<prefix>_end` (fractions of the schedule)."""
     return [_fraction(f"{prefix}_start", period[0], f"{label}: first step, as a fraction of the full schedule. "
                                                     f"{note}"),
             _fraction(f"{prefix}_end", period[1], f"{label}: last step, as a fraction of the full schedule; "
-                                                  f"start >= end switches it off (the reference's (1, 0)).")]
+                                                  f"start >= end switches it off.")]
 
 
 def send_key_frame_progress(node_id, number: int, index: int, total: int) -> None:
@@ -81,11 +82,11 @@ class KeyframeSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=d.denoise, min=0.01, max=1.0, step=0.01,
                                tooltip="SDEdit strength: how much of the schedule runs. Constraint periods before "
                                        "the start are never reached; the node reports them."),
-                *_period_inputs("shape_fusion", "Shape-aware fusion (anchor x̂0 warped onto the frame)",
+                *period_inputs("shape_fusion", "Shape-aware fusion (anchor x̂0 warped onto the frame)",
                                 d.shape_period, "Early steps; hidden unless denoise > 0.85 at 20 steps."),
-                *_period_inputs("pixel_fusion", "Pixel-aware fusion (inpainting toward the warped previous outputs, "
+                *period_inputs("pixel_fusion", "Pixel-aware fusion (inpainting toward the warped previous outputs, "
                                 "both ends excluded)", d.pixel_period, "Costs a rough pass per key frame."),
-                *_period_inputs("adain", "AdaIN (x̂0 colour statistics of the anchor)", d.adain_period,
+                *period_inputs("adain", "AdaIN (x̂0 colour statistics of the anchor)", d.adain_period,
                                 "Late steps."),
                 io.Float.Input("mask_strength", default=d.mask_strength, min=0.0, max=1.0, step=0.01,
                                tooltip="Pixel-aware fusion: weight of the reference inside its valid mask."),

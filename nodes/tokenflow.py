@@ -18,7 +18,6 @@ a forward_timestep_embed_patch for the injected res block. All live on a clone m
 """
 import dataclasses
 import logging
-import math
 from typing import Dict, List, Optional, Tuple
 
 import comfy.model_management

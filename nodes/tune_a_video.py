@@ -10,9 +10,8 @@ UNet, the trained weight changes as weight wrappers, the host's guider to run th
 """
 import copy
 import logging
-import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import safetensors.torch
 import torch

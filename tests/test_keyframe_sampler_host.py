@@ -226,6 +226,7 @@ def counting(model):
     (dict(pixel_fusion_start=-0.2), r"\[0, 1\]"),
     (dict(shape_fusion_end=0.5, denoise=1.0), "no `flow`"),
     (dict(flow_frames=2), "flow"),
+    (dict(flow_of_other_clip=True), "another clip"),   # same shape, other pictures
     (dict(size=60), "multiples of 8"),
     (dict(taef2=True), "channel"),
 ])
@@ -246,6 +247,8 @@ def test_bad_input_fails_before_sampling(host, change, message):
     flow_frames = change.pop("flow_frames", None)
     if flow_frames is not None:
         inputs["flow"] = zero_flow(host, frames[:flow_frames])
+    if change.pop("flow_of_other_clip", False):
+        inputs["flow"] = zero_flow(host, torch.rand_like(frames))
     inputs.update(change)
     with pytest.raises(ValueError, match=message):
         host.run_node("Rerender_KeyframeSampler", model=counted, positive=positive, negative=negative, vae=vae, frames=frames, keyframes=keyframes(host, indices, selection_count), **inputs)

@@ -7,7 +7,6 @@ next to the workflows (workflows/<card title>.jpg, where the browser looks for t
 import json
 import os
 import subprocess
-from pathlib import Path
 
 from host_compat import PACK_DIR_NAME, REPO_ROOT
 from test_frontend_host import FRONTEND_TESTS, UI_WORKFLOWS, browser_tools  # noqa: F401 (fixture)

@@ -322,8 +322,20 @@ class Server:
                     outcome.set_exception(ServerLost("its websocket closed"))
 
     async def _request(self, method: str, route: str, **kwargs):
+        """One HTTP call; ServerLost if it fails or if the websocket shows the server gone before it answers (a
+        frozen server accepts connections but never replies, so the call alone would wait forever)."""
         if not self.alive:
             raise ServerLost("already lost")
+        request = asyncio.ensure_future(self._fetch(method, route, **kwargs))
+        try:
+            await asyncio.wait({request, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not request.done():
+                raise ServerLost("it stopped answering")
+            return request.result()
+        finally:
+            request.cancel()
+
+    async def _fetch(self, method: str, route: str, **kwargs):
         try:
             async with self.session.request(method, f"{self.url}{route}", **kwargs) as response:
                 body = await response.read()
@@ -367,15 +379,15 @@ class Server:
         prompt_id = answer["prompt_id"]
         if on_message is not None:
             self._listeners[prompt_id] = on_message
-        self.in_flight.add(prompt_id)
+        self.in_flight.add(prompt_id)    # until it ends here: Ctrl-C (a cancel) leaves it for cancel_own_prompts
         try:
             outcome = self._outcome(prompt_id)
             if not self.alive and not outcome.done():
                 raise ServerLost("its websocket closed")
             await outcome
         finally:
-            self.in_flight.discard(prompt_id)
             self._listeners.pop(prompt_id, None)
+        self.in_flight.discard(prompt_id)
         status, body = await self._request("GET", f"/history/{prompt_id}")
         return json.loads(body)[prompt_id]
 
