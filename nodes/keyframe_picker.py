@@ -139,7 +139,7 @@ class KeyframePicker(io.ComfyNode):
         ui = {"rerender_indices": [text], "rerender_notes": frame_size_note(frames)}
         if split_at_cuts:
             ui["rerender_report"] = report
-        return io.NodeOutput(frames[list(selection.indices)].clone(), selection, text, ui=ui)
+        return io.NodeOutput(frames[list(selection.indices)], selection, text, ui=ui)
 
 
 NODES = [KeyframePicker]
