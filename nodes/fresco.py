@@ -91,16 +91,17 @@ class FrescoKeyFrames(io.ComfyNode):
                                      f"anchors + batch_size-2 new keys). Memory grows with it: at 512² on SD1.5 a "
                                      f"batch of 8 costs {_batch_cost_at_512(8)} in feature optimisation, 4 "
                                      f"costs {_batch_cost_at_512(4)}; the UNet itself runs 2×batch_size samples."),
-                *period_inputs("cross_frame", "Efficient cross-frame attention (every frame attends to frame 0 and the "
-                         "regions each later frame newly shows)", d.cross_frame_period, "The reference: all steps."),
+                *period_inputs("cross_frame", "Efficient cross-frame attention (every frame attends to frame 0 and "
+                               "the regions each later frame newly shows)", d.cross_frame_period,
+                               "The reference: all steps."),
                 io.Int.Input("spatial_guided_steps", default=d.spatial_guided_steps, min=0, max=10000,
                              tooltip="Spatial-guided attention (queries re-weighted by the input frame's own "
                                      "self-similarity): for this many executed steps from the first (the "
                                      "reference: 1; 0 = off)."),
                 *period_inputs("temporal_guided", "Temporal-guided attention (along flow trajectories through the "
-                         "batch)", d.temporal_guided_period, "The reference: while t >= 350 of 1000 (0 to 0.6)."),
+                               "batch)", d.temporal_guided_period, "The reference: while t >= 350 of 1000 (0 to 0.6)."),
                 *period_inputs("optimization", "Feature optimisation of the decoder up-block inputs",
-                         d.optimization_period, "The reference: the first 15 of 20 steps (0 to 0.7)."),
+                               d.optimization_period, "The reference: the first 15 of 20 steps (0 to 0.7)."),
                 io.Boolean.Input("spatial_loss", default=d.spatial_loss,
                                  tooltip="Feature optimisation's spatial (intra-frame Gram) loss: keeps each frame's "
                                          "token self-similarity that of the input frame (paper Eq. 6, x50)."),
@@ -112,7 +113,7 @@ class FrescoKeyFrames(io.ComfyNode):
                 io.Float.Input("learning_rate", default=d.learning_rate, min=0.001, max=10.0, step=0.01,
                                tooltip="Adam learning rate (the paper: 0.4; its code: 0.2)."),
                 *period_inputs("smoothing", "Background smoothing of x̂0 (needs `mask`)", d.smoothing_period,
-                         "The reference: steps 16 and 17 of 20 (0.8 to 0.85)."),
+                               "The reference: steps 16 and 17 of 20 (0.8 to 0.85)."),
                 VideoFlow.Input("flow", optional=True,
                                 tooltip="Flow of these frames (Flow Estimation); needed by cross-frame and temporal-"
                                         "guided attention, the temporal loss and smoothing."),

@@ -269,8 +269,7 @@ class KeyframeRenderer:
             raise ValueError(problem)
         factor = check_render_inputs(NODE_NAME, self.frames, self.keyframes, self.flow, self.model, vae,
                                      self.positive, self.negative)
-        channels = vae.latent_channels
-        self.latent_shape = (1, channels, self.frames.shape[1] // factor, self.frames.shape[2] // factor)
+        self.latent_shape = (1, vae.latent_channels, self.frames.shape[1] // factor, self.frames.shape[2] // factor)
 
     def _check_flow_needed(self) -> None:
         uses_flow = self.schedule.executed_steps(self.shape_steps) or self.blend_steps

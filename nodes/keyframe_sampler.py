@@ -83,11 +83,11 @@ class KeyframeSampler(io.ComfyNode):
                                tooltip="SDEdit strength: how much of the schedule runs. Constraint periods before "
                                        "the start are never reached; the node reports them."),
                 *period_inputs("shape_fusion", "Shape-aware fusion (anchor x̂0 warped onto the frame)",
-                                d.shape_period, "Early steps; hidden unless denoise > 0.85 at 20 steps."),
+                               d.shape_period, "Early steps; hidden unless denoise > 0.85 at 20 steps."),
                 *period_inputs("pixel_fusion", "Pixel-aware fusion (inpainting toward the warped previous outputs, "
-                                "both ends excluded)", d.pixel_period, "Costs a rough pass per key frame."),
+                               "both ends excluded)", d.pixel_period, "Costs a rough pass per key frame."),
                 *period_inputs("adain", "AdaIN (x̂0 colour statistics of the anchor)", d.adain_period,
-                                "Late steps."),
+                               "Late steps."),
                 io.Float.Input("mask_strength", default=d.mask_strength, min=0.0, max=1.0, step=0.01,
                                tooltip="Pixel-aware fusion: weight of the reference inside its valid mask."),
                 io.Float.Input("inner_strength", default=d.inner_strength, min=0.0, max=1.0, step=0.01,
