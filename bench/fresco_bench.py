@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rerender import fresco_optimize as fo  # noqa: E402
-from rerender.fresco import CyclicFlows  # noqa: E402
+from rerender.fresco import optimize as fo  # noqa: E402
+from rerender.fresco.geometry import CyclicFlows  # noqa: E402
 
 MiB = 2 ** 20
 SD15_UP_BLOCK_INPUTS = ((1280, 64), (1280, 32), (1280, 16), (640, 8))  # (channels, image size / feature size)

@@ -45,7 +45,7 @@ class Bench:
         from host_compat import SHARED_DATA
         from tiny_models import SD15_WIDTH_UNET, conditioning, tiny_sd15, tiny_sd_vae
         self.host, self.args = host, args
-        self.rendering = host.pack_module("nodes.fresco_rendering")
+        self.rendering = host.pack_module("engine.fresco")
         self.model = tiny_sd15(0, unet_config or SD15_WIDTH_UNET)
         self.vae = tiny_sd_vae(0)
         self.positive, self.negative = conditioning(0), conditioning(1)

@@ -52,7 +52,7 @@ class Bench:
         from tiny_models import SD15_WIDTH_UNET, conditioning, tiny_sd15, tiny_sd_vae
         from host_compat import SHARED_DATA
         self.host, self.args = host, args
-        self.rendering = host.pack_module("nodes.keyframe_rendering")
+        self.rendering = host.pack_module("engine.rerender_a_video")
         self.model = tiny_sd15(0, SD15_WIDTH_UNET)
         self.vae = tiny_sd_vae(0)
         self.positive, self.negative = conditioning(0), conditioning(1)

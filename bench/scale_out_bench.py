@@ -1,4 +1,4 @@
-"""Wall time of the main job on one ComfyUI server vs spread over several (`run_headless.py --servers`), all on this
+"""Wall time of the main job on one ComfyUI server vs spread over several (`python -m rerender_cli.run_headless --servers`), all on this
 machine, with the test suite's random-weight models: the one-server run (`--server`), the scale-out job on one
 server and on all of them. Checks that the videos' frames are identical. On one machine the servers share its
 cores, so this shows the mechanism's overhead, not the speed-up of separate machines. Every run gets freshly
@@ -25,17 +25,17 @@ from first_video_cost import write_clip, write_models  # noqa: E402
 from host_compat import SHARED_DATA, find_comfyui, make_base_directory  # noqa: E402
 from host_server import HostServer  # noqa: E402
 
-HEADLESS = REPO / "workflows" / "run_headless.py"
+HEADLESS = [sys.executable, "-m", "rerender_cli.run_headless"]   # run with cwd=REPO
 
 
 def job(args, clip: Path, output: Path, *where) -> float:
     sets = [f"ImageScale.width={args.size}", f"ImageScale.height={args.size}",
             f"Rerender_KeyframePicker.interval={args.interval}", f"Rerender_KeyframeSampler.steps={args.steps}"]
-    command = [sys.executable, str(HEADLESS), *where, "--video", str(clip), "--output", str(output),
+    command = [*HEADLESS, *where, "--video", str(clip), "--output", str(output),
                "--checkpoint", "sd15_random.safetensors", "--controlnet", "control_random.safetensors",
                *[arg for item in sets for arg in ("--set", item)]]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(where)} failed ({done.returncode}):\n{done.stderr[-3000:]}")

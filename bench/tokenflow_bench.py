@@ -58,8 +58,8 @@ def main():
     import comfy.samplers
     from tiny_models import SD15_WIDTH_UNET, conditioning, tiny_sd15, with_unit_norm_gains
 
-    inversion_nodes = host.pack_module("nodes.inversion")
-    tokenflow = host.pack_module("nodes.tokenflow")
+    inversion_nodes = host.pack_module("engine.inversion")
+    tokenflow = host.pack_module("engine.tokenflow")
     model = with_unit_norm_gains(tiny_sd15(0, SD15_WIDTH_UNET))
     latents = torch.randn(args.frames, 4, args.size // 8, args.size // 8,
                           generator=torch.Generator().manual_seed(0)) / 0.18215

@@ -1,4 +1,6 @@
-"""Thin V3 node wrappers, one module per stage; each module lists its node classes in NODES."""
+"""V3 node schemas only, one module per stage: inputs, tooltips, validate_inputs, and an execute that converts
+types and calls `engine` (or `rerender` where no host orchestration is needed). Each module lists its node classes
+in NODES. Node ids and input names never change: saved workflows must load."""
 import importlib
 import pkgutil
 

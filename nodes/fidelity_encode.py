@@ -1,37 +1,10 @@
 """Fidelity-oriented VAE encode node (E*): a drop-in for VAE Encode that loses less on each round trip."""
-import comfy.model_management
 import comfy.utils
-import torch
 from comfy_api.latest import io
 
-from ..rerender.fidelity import fidelity_encode
+from ..engine.vae import fidelity_encode_batch
 
 CATEGORY = "Rerender"
-FRAMES_PER_CHUNK = 4
-
-
-PROBE_SIZE = 64
-
-
-def vae_spatial_factor(vae) -> int:
-    """Pixels per latent cell, measured with a small encode: the host's `downscale_ratio` is not always the
-    encoder's real stride (it says 8 for taef2, which downsamples by 16)."""
-    probe = torch.zeros(1, PROBE_SIZE, PROBE_SIZE, 3)
-    return PROBE_SIZE // vae.encode(probe).shape[-1]
-
-
-def check_vae_size(images: torch.Tensor, vae, node: str, input_name: str = "pixels") -> int:
-    """Errors, before any real encoding, for an empty batch or a size the VAE would silently crop.
-    Returns the VAE's spatial factor."""
-    if images.shape[0] == 0:
-        raise ValueError(f"{node}: `{input_name}` is an empty batch.")
-    factor = vae_spatial_factor(vae)
-    h, w = images.shape[1:3]
-    if h % factor or w % factor:
-        raise ValueError(f"{node}: `{input_name}` is {w}x{h}, but this VAE needs width and height that are "
-                         f"multiples of {factor}; resize or crop the images first (e.g. to "
-                         f"{w // factor * factor}x{h // factor * factor}).")
-    return factor
 
 
 class FidelityEncode(io.ComfyNode):
@@ -65,17 +38,9 @@ class FidelityEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, strength, error_threshold) -> io.NodeOutput:
-        check_vae_size(pixels, vae, "VAE Encode (Fidelity-Oriented)")
         progress = comfy.utils.ProgressBar(pixels.shape[0])
-        latents, masks = [], []
-        for start in range(0, pixels.shape[0], FRAMES_PER_CHUNK):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            chunk = pixels[start:start + FRAMES_PER_CHUNK]
-            latent, rejected = fidelity_encode(vae.encode, vae.decode, chunk, strength, error_threshold)
-            latents.append(latent.to(comfy.model_management.intermediate_device()))
-            masks.append(rejected.cpu())
-            progress.update_absolute(start + chunk.shape[0])
-        return io.NodeOutput({"samples": torch.cat(latents)}, torch.cat(masks))
+        latent, rejected = fidelity_encode_batch(pixels, vae, strength, error_threshold, progress.update_absolute)
+        return io.NodeOutput({"samples": latent}, rejected)
 
 
 NODES = [FidelityEncode]

@@ -1,63 +1,15 @@
 """Flow estimation node (flow + occlusion for any frame pair) and a loader for original RAFT checkpoints."""
-import comfy.model_management
-import comfy.model_patcher
 import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io
 
+from ..engine.flow import ESTIMATE_MODES, estimate_flow, raft_patcher
 from ..rerender import flow as flowlib
-from ..rerender.raft_checkpoint import load_raft
 from .keyframe_picker import frame_size_note
 from .types import VideoFlow
 
 CATEGORY = "Rerender"
 OpticalFlowModel = io.Custom("OPTICAL_FLOW")  # the host's flow *model* (core "Load Optical Flow Model")
-
-
-def _raft_estimator(optical_flow, iterations: int) -> flowlib.RAFTEstimator:
-    module = getattr(optical_flow, "model", None)
-    if not flowlib.is_raft(module):
-        found = type(module if module is not None else optical_flow).__name__
-        raise ValueError(f"Flow Estimation: `optical_flow` must be a RAFT model from 'Load Optical Flow Model' or "
-                         f"'Load RAFT Checkpoint (Rerender)', got a {found}; connect one of those, or disconnect "
-                         f"it to use OpenCV DIS.")
-    return flowlib.RAFTEstimator(
-        module, iterations=iterations,
-        prepare=lambda: comfy.model_management.load_models_gpu([optical_flow]))
-
-
-ESTIMATE_MODES = ["on demand", "precompute"]
-
-
-def _preview(video_flow: flowlib.VideoFlow) -> tuple:
-    """Per frame i >= 1, the flow and occlusion of pair (i-1, i) on frame i's grid (frame 0: still, no occlusion);
-    one colour scale for the whole clip so magnitudes compare across frames."""
-    n, h, w = video_flow.num_frames, video_flow.height, video_flow.width
-    max_magnitude = max(float(flowlib.flow_magnitude(flow).max()) for _, flow, _ in video_flow.consecutive())
-    colors = torch.ones(n, h, w, 3)
-    masks = torch.zeros(n, h, w)
-    for index, flow, occlusion in video_flow.consecutive():
-        colors[index] = flowlib.flow_to_color(flow, max_magnitude)[0]
-        masks[index] = occlusion[0, 0]
-    return colors, masks
-
-
-def _first_pair_preview(video_flow: flowlib.VideoFlow) -> tuple:
-    """On demand: only pair (0, 1), on frame 1's grid, as one frame (a check that the estimator runs)."""
-    flow, occlusion = video_flow.pair(0, 1)
-    return flowlib.flow_to_color(flow), occlusion[:, 0]
-
-
-def _status(video_flow: flowlib.VideoFlow, mode: str) -> str:
-    size = f"{video_flow.width}x{video_flow.height}"
-    if mode == "precompute":
-        held = len(video_flow.computed_pairs) // 2
-        return (f"flow precomputed: {held} pairs kept for the whole clip "
-                f"({held * video_flow.pair_nbytes / 2 ** 20:.1f} MiB at {size})")
-    bound = video_flow.max_cached_pairs
-    return (f"flow on demand: each pair is estimated when a later stage asks for it; at most {bound} pairs kept "
-            f"({bound * video_flow.pair_nbytes / 2 ** 20:.1f} MiB at {size})")
 
 
 class FlowEstimation(io.ComfyNode):
@@ -126,32 +78,10 @@ class FlowEstimation(io.ComfyNode):
     def execute(cls, frames, dis_preset, raft_iterations, photometric_check, consistency_alpha, consistency_beta,
                 optical_flow=None, estimate=ESTIMATE_MODES[0],
                 cache_pairs=flowlib.DEFAULT_CACHE_PAIRS) -> io.NodeOutput:
-        if frames.shape[0] < 2:
-            raise ValueError(f"Flow Estimation: `frames` holds {frames.shape[0]} frame(s); flow needs at least 2 frames. "
-                             "Connect the whole clip (e.g. Get Video Components' images), not a single image.")
-        if estimate not in ESTIMATE_MODES:
-            raise ValueError(f"Flow Estimation: `estimate` must be one of {ESTIMATE_MODES}, got {estimate!r}.")
-        if optical_flow is None:
-            estimator = flowlib.DISEstimator(dis_preset)
-        else:
-            estimator = _raft_estimator(optical_flow, raft_iterations)
-        settings = dict(alpha=consistency_alpha, beta=consistency_beta,
-                        photometric_threshold=flowlib.PHOTOMETRIC_THRESHOLD if photometric_check else None)
-        interrupt_check = comfy.model_management.throw_exception_if_processing_interrupted
-        if estimate == "precompute":
-            progress = comfy.utils.ProgressBar(max(frames.shape[0] - 1, 1))
-            video_flow = flowlib.VideoFlow.estimate(
-                frames, estimator, progress=lambda done, total: progress.update_absolute(done, total),
-                interrupt_check=interrupt_check, **settings)
-            colors, masks = _preview(video_flow)
-        else:
-            progress = comfy.utils.ProgressBar(1)
-            interrupt_check()
-            video_flow = flowlib.VideoFlow(frames, estimator, max_cached_pairs=cache_pairs, **settings)
-            colors, masks = _first_pair_preview(video_flow)
-            progress.update_absolute(1, 1)
-        notes = [_status(video_flow, estimate), *frame_size_note(frames)]
-        return io.NodeOutput(video_flow, colors, masks, ui={"rerender_notes": notes})
+        video_flow, colors, masks, status = estimate_flow(
+            frames, optical_flow, dis_preset, raft_iterations, photometric_check, consistency_alpha,
+            consistency_beta, estimate, cache_pairs, comfy.utils.ProgressBar)
+        return io.NodeOutput(video_flow, colors, masks, ui={"rerender_notes": [status, *frame_size_note(frames)]})
 
 
 class RAFTLoader(io.ComfyNode):
@@ -178,11 +108,7 @@ class RAFTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
-        module = load_raft(folder_paths.get_full_path_or_raise("optical_flow", model_name))
-        patcher = comfy.model_patcher.ModelPatcher(
-            module, load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device())
-        return io.NodeOutput(patcher)
+        return io.NodeOutput(raft_patcher(folder_paths.get_full_path_or_raise("optical_flow", model_name)))
 
 
 NODES = [FlowEstimation, RAFTLoader]

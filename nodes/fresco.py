@@ -8,8 +8,8 @@ import latent_preview
 import server
 from comfy_api.latest import io, ui
 
-from ..rerender import fresco_optimize as fo
-from .fresco_rendering import NODE_NAME, FrescoRenderer, FrescoSettings, validate_settings
+from ..rerender.fresco import optimize as fo
+from ..engine.fresco import NODE_NAME, FrescoRenderer, FrescoSettings, validate_settings
 from .keyframe_sampler import PROGRESS_EVENT, period_inputs
 from .types import KeyFrames, VideoFlow
 from .validation import outside_declared

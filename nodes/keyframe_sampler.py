@@ -8,8 +8,8 @@ import latent_preview
 import server
 from comfy_api.latest import io, ui
 
-from .cross_frame_attention import missing_attention_note
-from .keyframe_rendering import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo, validate_settings
+from ..engine.cross_frame_attention import missing_attention_note
+from ..engine.rerender_a_video import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo, validate_settings
 from .types import KeyFrames, VideoFlow
 from .validation import outside_declared
 

@@ -5,11 +5,29 @@ queries attend to the keys and values of all key frames), then every frame of a 
 self-attention outputs along nearest-neighbour correspondences of the source video's own features at that step and
 layer, its chunk's key frame blended with the previous chunk's by a sigmoid of the distances to the chunk centres.
 """
-from typing import Callable, List, Optional, Sequence
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) [B,T,C] -> [B,Tq,C]
+HostAttention = Callable[..., torch.Tensor]  # (q, k, v, heads, attn_precision=) as the host's optimized_attention
+LayerKey = Tuple[str, int, int]               # (block name, block number, transformer index)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFlowSettings:
+    seed: int = 1
+    steps: int = 50
+    cfg: float = 7.5
+    sampler_name: str = "ddim"
+    scheduler: str = "ddim_uniform"
+    denoise: float = 1.0
+    pnp_attention: float = 0.5     # first fraction of the schedule with self-attention Q/K injection
+    pnp_residual: float = 0.8      # first fraction with the res block injection
+    extended_attention: bool = True
+    propagation: bool = True
+    chunk_size: int = 8
 
 
 def chunks(frame_count: int, chunk_size: int) -> List[List[int]]:
@@ -69,3 +87,113 @@ def propagate(key_outputs: Sequence[torch.Tensor], indices: Sequence[torch.Tenso
 def injection_steps(fraction: float, total_steps: int) -> frozenset:
     """The first int(T·fraction) steps of a T-step schedule (the reference's PnP periods)."""
     return frozenset(range(int(total_steps * fraction + 1e-9)))
+
+
+def first_step(settings: TokenFlowSettings) -> int:
+    """Steps of the full schedule (steps/denoise) before the executed part, as KSampler computes it."""
+    if settings.denoise >= 0.9999:
+        return 0
+    return int(settings.steps / settings.denoise) - settings.steps
+
+
+class TokenFlowAttention:
+    """What the patches do in each phase of a step, and the per-step stores (freed by `reset`).
+
+    phase: None (plain model), "source_key"/"edit_key" (key frame pass), "source_prop"/"edit_prop" (propagation).
+    Stores: key frame tokens/outputs per (layer, branch) with branch "normed"/"source"/0 (cond)/1 (uncond); the
+    source's Q/K and res block output of the current pass; the NN fields of the current chunk."""
+
+    def __init__(self, residual_block: Optional[int], pnp_attention_layers: frozenset, previous_replace: Dict,
+                 default_attention: HostAttention):
+        self.residual_block = residual_block
+        self.default_attention = default_attention
+        self.pnp_attention_layers = pnp_attention_layers
+        self.previous_replace = previous_replace
+        self.reset()
+
+    def reset(self) -> None:
+        self.phase: Optional[str] = None
+        self.extended = False
+        self.inject_attention = False
+        self.inject_residual = False
+        self.store_key_outputs = False
+        self.key_store: Dict[Tuple[LayerKey, object], torch.Tensor] = {}
+        self.source_qk: Dict[LayerKey, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.source_residual: Optional[torch.Tensor] = None
+        self.normed: Dict[LayerKey, torch.Tensor] = {}
+        self.fields: Dict[LayerKey, List[torch.Tensor]] = {}
+        self.chunk_keys: List[int] = []       # positions in the key frame list: own chunk's, previous chunk's
+        self.chunk_weights: Optional[torch.Tensor] = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.key_store.values())
+
+    # attn1_patch: the normed tokens of the source branch (the NN features)
+    def read_normed(self, n, context_attn1, value_attn1, extra_options):
+        if self.phase in ("source_key", "source_prop") and extra_options.get("block") is not None:
+            self.normed[_layer(extra_options)] = n
+        return n, context_attn1, value_attn1
+
+    # attn1_replace
+    def attention(self, q, k, v, extra_options):
+        layer = _layer(extra_options)
+        previous = self.previous_replace.get(layer) or self.previous_replace.get(layer[:2])
+
+        def attend(q_, k_, v_):
+            if previous is not None:
+                return previous(q_, k_, v_, extra_options)
+            return self.default_attention(q_, k_, v_, extra_options["n_heads"],
+                                          attn_precision=extra_options.get("attn_precision"))
+
+        phase = self.phase
+        if phase == "source_key":
+            out = attend(q, k, v)
+            if self.inject_attention and layer in self.pnp_attention_layers:
+                self.source_qk[layer] = (q, k)
+            if self.store_key_outputs:
+                self.key_store[(layer, "normed")] = self.normed.pop(layer)
+                self.key_store[(layer, "source")] = out
+            return out
+        if phase == "edit_key":
+            branches = extra_options["cond_or_uncond"]
+            if self.inject_attention and layer in self.source_qk:
+                q_source, k_source = self.source_qk[layer]
+                q, k = q_source.repeat(len(branches), 1, 1), k_source.repeat(len(branches), 1, 1)
+            outs = []
+            for branch, q_c, k_c, v_c in zip(branches, q.chunk(len(branches)), k.chunk(len(branches)),
+                                             v.chunk(len(branches))):
+                out = extended_attention(q_c, k_c, v_c, attend) if self.extended else attend(q_c, k_c, v_c)
+                if self.store_key_outputs:
+                    self.key_store[(layer, branch)] = out
+                outs.append(out)
+            return torch.cat(outs)
+        if phase == "source_prop":
+            normed = self.normed.pop(layer)
+            key_normed = self.key_store[(layer, "normed")]
+            self.fields[layer] = [nearest_tokens(normed, key_normed[position]) for position in self.chunk_keys]
+            return self._propagated(layer, "source")
+        if phase == "edit_prop":
+            return torch.cat([self._propagated(layer, branch) for branch in extra_options["cond_or_uncond"]])
+        return attend(q, k, v)
+
+    def _propagated(self, layer, branch):
+        stored = self.key_store[(layer, branch)]
+        return propagate([stored[position] for position in self.chunk_keys], self.fields[layer],
+                            self.chunk_weights)
+
+    # forward_timestep_embed_patch on ResBlock: the source's res block output replaces the edit branches'
+    def res_block(self, layer, x, emb, context, transformer_options, output_shape, time_context, num_video_frames,
+                  image_only_indicator):
+        out = layer(x, emb)
+        if not self.inject_residual or transformer_options.get("block") != ("output", self.residual_block):
+            return out
+        if self.phase in ("source_key", "source_prop"):
+            self.source_residual = out
+        elif self.phase in ("edit_key", "edit_prop") and self.source_residual is not None:
+            out = self.source_residual.repeat(out.shape[0] // self.source_residual.shape[0], 1, 1, 1).to(out)
+        return out
+
+
+def _layer(extra_options) -> LayerKey:
+    block = extra_options["block"]
+    return block[0], block[1], extra_options.get("block_index", 0)

@@ -14,12 +14,12 @@ def patch(host, model, layers="all", start=0.0, end=1.0):
 
 
 def controller_of(host, model):
-    return host.pack_module("nodes.cross_frame_attention").find_cross_frame_attention(model)
+    return host.pack_module("engine.cross_frame_attention").find_cross_frame_attention(model)
 
 
 def render(host, model, frames, indices=None, **settings):
     """Key frames through the renderer; only cross-frame attention unless other periods are given."""
-    rendering = host.pack_module("nodes.keyframe_rendering")
+    rendering = host.pack_module("engine.rerender_a_video")
     selection = host.pack_module("rerender.keyframes").KeyFrameSelection
     options = dict(seed=5, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal", denoise=1.0, **ALL_OFF)
     options.update(settings)
@@ -60,7 +60,7 @@ def test_sdxl_layout_is_read_from_the_model(host):
     model_config.set_inference_dtype(torch.float32, None)
     model = comfy.model_patcher.ModelPatcher(model_config.get_model({}), load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
-    layout = host.pack_module("nodes.cross_frame_attention").decoder_self_attention_layers(model)
+    layout = host.pack_module("engine.cross_frame_attention").decoder_self_attention_layers(model)
     expected = {("output", n, i): 128 for n in range(3) for i in range(3)}
     expected.update({("output", n, i): 64 for n in range(3, 6) for i in range(2)})
     assert layout == expected

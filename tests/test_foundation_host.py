@@ -75,7 +75,7 @@ def test_fidelity_encode_beats_plain_encode_with_real_taef2(host, shared_data):
 
 
 def test_vae_factor_is_measured_not_assumed(host):
-    vae_factor = host.pack_module("nodes.fidelity_encode").vae_spatial_factor
+    vae_factor = host.pack_module("engine.vae").vae_spatial_factor
     assert vae_factor(taef2_vae()) == 16 and vae_factor(tiny_sd_vae()) == 8
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rerender import fresco_attention as fa
-from rerender import fresco_optimize as fo
+from rerender.fresco import attention as fa
+from rerender.fresco import optimize as fo
 from rerender.flow import VideoFlow
-from rerender.fresco import (AnchorLatents, AnchorSlot, CyclicFlows, background_from_foreground, cyclic_flows,
+from rerender.fresco.geometry import (AnchorLatents, AnchorSlot, CyclicFlows, background_from_foreground, cyclic_flows,
                              plan_batches, smooth_background, trajectories, unique_region_masks)
 
 

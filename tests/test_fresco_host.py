@@ -200,7 +200,7 @@ def test_every_host_sampler_runs_fresco_or_is_refused_by_name(host):
     spatial-guided attention over two steps included, so multi-evaluation steps meet every component) and finite
     results, its anchor slots holding the previous batch's latents at every evaluation."""
     import comfy.samplers
-    steered = host.pack_module("nodes.steered_sampling")
+    steered = host.pack_module("engine.sampling")
     size = 32
     frames = torch.rand(5, size, size, 3, generator=torch.Generator().manual_seed(3))
     flow = still_flow(host, frames)

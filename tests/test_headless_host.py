@@ -4,7 +4,6 @@ client's prompt."""
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,11 +16,11 @@ UI_WORKFLOW = REPO_ROOT / "workflows" / "Rerender - video to video.json"
 
 def headless(server, *args, scheme=True):
     address = server.url if scheme else server.url.removeprefix("http://")
-    return subprocess.run([sys.executable, str(HEADLESS), "--server", address,
+    return subprocess.run([*HEADLESS, "--server", address,
                            "--video", str(server.base / "input" / "clip.mp4"), "--output",
                            str(server.base / "never_written.mp4"), "--checkpoint", "tiny_sd15.safetensors",
                            "--controlnet", "tiny_control.safetensors", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -49,10 +48,11 @@ def start_headless(server, log, *sets):
     """run_headless in the background with the tiny models; returns (process, the prompt id it queued)."""
     args = [arg for item in HEADLESS_SETS["rerender_full_pipeline"] + list(sets) for arg in ("--set", item)]
     with open(log, "w") as stderr:
-        process = subprocess.Popen([sys.executable, str(HEADLESS), "--server", server.url.removeprefix("http://"),
+        process = subprocess.Popen([*HEADLESS, "--server", server.url.removeprefix("http://"),
                                     "--video", str(server.base / "input" / "clip.mp4"), "--output",
                                     str(log.with_suffix(".mp4")), "--checkpoint", "tiny_sd15.safetensors",
-                                    "--controlnet", "tiny_control.safetensors", *args], stderr=stderr, text=True)
+                                    "--controlnet", "tiny_control.safetensors", *args], stderr=stderr, text=True,
+                                   cwd=REPO_ROOT)
     wait_until(lambda: "queued prompt" in log.read_text(), process, log)
     return process, log.read_text().split("queued prompt ")[1].split()[0]
 

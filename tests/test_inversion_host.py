@@ -64,7 +64,7 @@ def test_reconstruction_improves_with_inversion_steps_and_beats_img2img(host, ki
 def test_states_hold_every_editing_level_and_start_the_host_sampler_exactly(host):
     model, cond, latents = lively(), conditioning(0), clip_latents(3)
     inverted, _ = invert(host, model, latents, cond, 6, steps=3, denoise=0.6, scheduler="normal")
-    inversion = host.pack_module("nodes.inversion")
+    inversion = host.pack_module("engine.inversion")
     sigmas = inversion.editing_sigmas(model, 3, "ddim", "normal", 0.6)
     assert torch.equal(inverted.sigmas, sigmas) and inverted.states.shape == (4, 3, 4, 8, 8)
     assert inverted.states.dtype == torch.float16 and inverted.states.device.type == "cpu"
@@ -77,8 +77,8 @@ def test_states_hold_every_editing_level_and_start_the_host_sampler_exactly(host
         return x
 
     noise = inversion.start_noise(model, inverted.state(0), float(sigmas[0]))
-    host.pack_module("nodes.inversion").comfy.sample.sample_custom(
-        model, noise, 1.0, host.pack_module("nodes.inversion").comfy.samplers.KSAMPLER(first_state), sigmas,
+    host.pack_module("engine.inversion").comfy.sample.sample_custom(
+        model, noise, 1.0, host.pack_module("engine.inversion").comfy.samplers.KSAMPLER(first_state), sigmas,
         cond, cond, torch.zeros_like(latents), disable_pbar=True)
     assert torch.allclose(started["x"], inverted.state(0), atol=1e-5)
 

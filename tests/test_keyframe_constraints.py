@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rerender import keyframe_constraints as kc
-from rerender.cross_frame_attention import CrossFrameAttention, Mode, cross_frame_inputs
+from rerender.rerender_a_video import keyframe_constraints as kc
+from rerender.rerender_a_video.cross_frame_attention import CrossFrameAttention, Mode, cross_frame_inputs
 from rerender.evaluation_plan import Evaluation, EvaluationKey, EvaluationPlan
 
 SCHEDULE = torch.linspace(14.6, 0.03, 20).tolist() + [0.0]

@@ -41,7 +41,7 @@ def run_sampler(host, model, frames, indices=None, vae=None, **inputs):
 
 def render(host, model, frames, flow=None, on_step=None, **settings):
     """The renderer itself, for tests that watch each step's x̂0."""
-    rendering = host.pack_module("nodes.keyframe_rendering")
+    rendering = host.pack_module("engine.rerender_a_video")
     options = dict(seed=SEED, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0,
                    shape_period=(0.0, 0.0), pixel_period=(0.0, 0.0), adain_period=(0.0, 0.0))
     options.update(settings)
@@ -143,7 +143,7 @@ def watch_hints(control_net, seen, current):
 
 
 def render_with_hints(host, positive, negative, frames, indices, flow=None, **settings):
-    rendering = host.pack_module("nodes.keyframe_rendering")
+    rendering = host.pack_module("engine.rerender_a_video")
     current = [None]
     options = dict(seed=SEED, steps=4, cfg=5.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0,
                    shape_period=(0.0, 0.0), pixel_period=(0.3, 0.9), adain_period=(0.0, 0.0))

@@ -14,7 +14,7 @@ def frames_of(*seeds):
 
 
 def renderer(host, model, frames, flow=None, **settings):
-    rendering = host.pack_module("nodes.keyframe_rendering")
+    rendering = host.pack_module("engine.rerender_a_video")
     selection = host.pack_module("rerender.keyframes").KeyFrameSelection(tuple(range(len(frames))), len(frames))
     options = dict(seed=SEED, steps=STEPS, cfg=4.0, denoise=1.0, shape_period=(0.0, 0.0),
                    pixel_period=(0.0, 0.0), adain_period=(0.0, 0.0))
@@ -42,7 +42,7 @@ def perfect_denoiser(model, clean):
 
 
 def check_sampler(host, sampler_name, scheduler):
-    steered = host.pack_module("nodes.steered_sampling")
+    steered = host.pack_module("engine.sampling")
     if sampler_name in steered.REFUSED_SAMPLERS:
         with pytest.raises(ValueError, match=sampler_name):
             renderer(host, tiny_sd15(0), frames_of(1, 2), sampler_name=sampler_name, scheduler=scheduler)
@@ -121,7 +121,7 @@ class EditAtOneStep:
 def test_an_x0_edit_moves_the_next_state_by_exactly_the_edit(host):
     import comfy.sample
     import comfy.samplers
-    steered = host.pack_module("nodes.steered_sampling")
+    steered = host.pack_module("engine.sampling")
     model = tiny_sd15(0)
     latent = tiny_sd_vae(0).encode(frames_of(5))
     delta = 0.3 * torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))

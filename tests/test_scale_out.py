@@ -1,18 +1,15 @@
 """Why the scale-out job can cut the propagation into intervals: each interval propagated alone, from its own frames,
 its own flow and its key frames, with the seed shifted by its first frame, is bit-identical to the same frames of
 the whole-clip propagation; and the cut covers every frame that is not a key frame exactly once."""
-import sys
 
 import pytest
 import torch
 
-from host_compat import REPO_ROOT
 from rerender import flow as flowlib
 from rerender import propagate
 from test_propagate import moving_clip
 
-sys.path.insert(0, str(REPO_ROOT / "workflows"))
-import scale_out  # noqa: E402
+from rerender_cli import scale_out  # noqa: E402
 
 
 @pytest.mark.parametrize("keys, num_frames", [([0, 3, 6, 9], 10), ([2, 5, 9], 12), ([4], 7), ([0, 1, 5], 6)])

@@ -1,4 +1,4 @@
-"""The main job spread over three real ComfyUI servers on loopback (`run_headless.py --servers`): one of them is
+"""The main job spread over three real ComfyUI servers on loopback (`python -m rerender_cli.run_headless --servers`): one of them is
 killed while it holds intervals, and the job still ends with every interval done exactly once and the very video
 the one-server run writes; a frozen server is dropped within the websocket heartbeat; losing the server that renders
 the key frames renders them again on another; Ctrl-C stops the job's prompts.
@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import cv2
@@ -22,8 +21,7 @@ from host_server import HostServer
 from test_headless_host import interrupt, other_clients_prompt, wait_until
 from test_workflows_host import HEADLESS
 
-sys.path.insert(0, str(REPO_ROOT / "workflows"))
-import scale_out  # noqa: E402
+from rerender_cli import scale_out  # noqa: E402
 
 # 11 frames, a key frame every 4th without the last: keys 0, 4, 8 -> intervals 0-4, 4-8 and the frames after 8.
 FRAMES, FPS, SIZE, INTERVAL = 11, 10, 48, 4   # 48 px: not a multiple of 32, so the padded transfer is exercised
@@ -71,7 +69,7 @@ def three_servers(host, tmp_path_factory, shared_data):
 
 def command(clip, output, *where):
     sets = [arg for item in SETS for arg in ("--set", item)]
-    return [sys.executable, str(HEADLESS), *where, "--video", str(clip), "--output", str(output),
+    return [*HEADLESS, *where, "--video", str(clip), "--output", str(output),
             "--checkpoint", "tiny_sd15.safetensors", "--controlnet", "tiny_control.safetensors", *sets]
 
 
@@ -92,7 +90,8 @@ def one_server_video(three_servers, tmp_path_factory):
     (a, _, _), clip = three_servers
     output = tmp_path_factory.mktemp("one_server") / "one.mp4"
     started = time.time()
-    single = subprocess.run(command(clip, output, "--server", a.url), capture_output=True, text=True, timeout=600)
+    single = subprocess.run(command(clip, output, "--server", a.url), capture_output=True, text=True, timeout=600,
+                            cwd=REPO_ROOT)
     assert single.returncode == 0, single.stderr[-3000:]
     frames = decoded_frames(output)
     assert frames.shape == (FRAMES, SIZE, SIZE, 3)
@@ -139,7 +138,7 @@ def test_killed_server_loses_no_interval_and_the_video_equals_the_one_server_run
     started = time.time()
     with open(log, "w") as stderr:
         job = subprocess.Popen(command(clip, tmp_path / "three.mp4", "--servers", f"{a.url},{b.url},{c.url}"),
-                               stderr=stderr, text=True)
+                               stderr=stderr, text=True, cwd=REPO_ROOT)
     try:
         deadline = time.time() + 300
         while not c.queued_ids()[1]:         # pending prompts on c: ours, behind the blocker
@@ -168,7 +167,7 @@ def test_losing_the_key_frame_server_renders_the_key_frames_on_another(three_ser
     log = tmp_path / "scale_out.log"
     with open(log, "w") as stderr:     # b first: it renders the key frames
         job = subprocess.Popen(command(clip, tmp_path / "video.mp4", "--servers", f"{b.url},{a.url}"),
-                               stderr=stderr, text=True)
+                               stderr=stderr, text=True, cwd=REPO_ROOT)
     try:
         wait_until(lambda: f"{label(b)}: key frames" in log.read_text(), job, log, timeout_s=300)
         b.proc.kill()
@@ -188,7 +187,7 @@ def test_ctrl_c_stops_the_jobs_prompt_on_its_server(three_servers, tmp_path):
     slow = command(clip, tmp_path / "video.mp4", "--servers", f"{a.url},{c.url}") + [
         "--set", "Rerender_KeyframeSampler.steps=400"]
     with open(log, "w") as stderr:     # c is gone: the job goes on with a alone
-        job = subprocess.Popen(slow, stderr=stderr, text=True)
+        job = subprocess.Popen(slow, stderr=stderr, text=True, cwd=REPO_ROOT)
     wait_until(lambda: f"{label(a)}: key frames" in log.read_text(), job, log, timeout_s=300)
     running = a.queued_ids()[0]
     assert len(running) == 1

@@ -31,7 +31,7 @@ def test_cross_frame_attention_takes_sdxls_decoder_layers(host):
     depths = dict(transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
                   transformer_depth_middle=10)
     model = tiny_sdxl(0, dict(TINY_SDXL_UNET, **depths))
-    layers = host.pack_module("nodes.cross_frame_attention").decoder_self_attention_layers(model)
+    layers = host.pack_module("engine.cross_frame_attention").decoder_self_attention_layers(model)
     widest = {("output", n, i) for n in range(3) for i in range(10)}
     finer = {("output", n, i) for n in range(3, 6) for i in range(2)}
     assert set(layers) == widest | finer and len(layers) == SDXL_DECODER_LAYERS

@@ -31,7 +31,7 @@ def tokenflow(host, model, inversion, positive, negative, chunk_size=2, cfg=4.0,
 def plain_from_inverted_noise(host, model, inversion, positive, negative, cfg=4.0):
     import comfy.sample
     import comfy.samplers
-    nodes_inversion = host.pack_module("nodes.inversion")
+    nodes_inversion = host.pack_module("engine.inversion")
     sigmas = inversion.sigmas
     noise = nodes_inversion.start_noise(model, inversion.state(0), float(sigmas[0]))
     return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(SCHEDULE["sampler_name"]),
@@ -100,7 +100,7 @@ def test_bad_input_is_refused_before_work(host):
 
 
 def test_injection_layers_are_derived_from_the_decoder_layout(host):
-    pnp_layers = host.pack_module("nodes.tokenflow").pnp_layers
+    pnp_layers = host.pack_module("engine.tokenflow").pnp_layers
     # SD1.x layout (the tiny model keeps SD1.5's blocks, decoder attention in output blocks 3..11): the res block
     # of output 4 = up_blocks[1].resnets[1]; Q/K in up_blocks[1].attentions[1:], [2], [3] = output 4..11.
     residual, attention = pnp_layers(tiny_sd15(0))

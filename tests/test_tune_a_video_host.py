@@ -66,7 +66,7 @@ def test_tuning_lowers_the_training_loss_on_a_real_clip(host, clip):
 
 
 def test_trains_exactly_the_query_projections_and_temporal_attention(host, tuned):
-    nodes = host.pack_module("nodes.tune_a_video")
+    nodes = host.pack_module("engine.tune_a_video")
     params = tuned["params"]
     blocks = nodes.transformer_blocks(tuned["base"])
     assert len(blocks) == 16 and set(params.temporal) == set(blocks)   # SD1.5: 6 encoder, 1 middle, 9 decoder
@@ -107,7 +107,7 @@ def test_input_model_unchanged_after_tuning_and_sampling(host, tuned, clip):
 def test_untuned_inflation_is_the_image_model_for_frame_0(host, clip):
     """Zero query changes and fresh temporal attention: frame 0 (sparse-causal = self-attention, temporal output 0)
     comes out exactly as the image model renders it alone; later frames differ (they attend to frames 0 and i-1)."""
-    nodes = host.pack_module("nodes.tune_a_video")
+    nodes = host.pack_module("engine.tune_a_video")
     lib = host.pack_module("rerender.tune_a_video")
     base = tiny_sd15(0)
     blocks = nodes.transformer_blocks(base)
@@ -146,10 +146,11 @@ def test_bad_input_is_refused_before_any_work(host, tuned, clip):
     base = tuned["base"]
     with pytest.raises(ValueError, match="at least 2"):
         tune(host, base, {"samples": clip["samples"][:1]})
-    nodes = host.pack_module("nodes.tune_a_video")
-    assert "at least 1 step" in nodes.TuneAVideo.validate_inputs(steps=0)
+    nodes = host.pack_module("engine.tune_a_video")
+    node = host.pack_module("nodes.tune_a_video").TuneAVideo
+    assert "at least 1 step" in node.validate_inputs(steps=0)
     with pytest.raises(ValueError, match="at least 1 step"):
-        nodes.TuneAVideo.execute(base, conditioning(0), latent=clip, steps=0)
+        node.execute(base, conditioning(0), latent=clip, steps=0)
     ragged = [torch.rand(SIZE, SIZE, 3), torch.rand(SIZE, 48, 3)]
     with pytest.raises(ValueError, match="different sizes"):
         nodes.clip_latents(ragged, tiny_sd_vae(0), None, 24, 1, 0)
@@ -162,7 +163,7 @@ def test_bad_input_is_refused_before_any_work(host, tuned, clip):
 
 def test_an_interrupt_keeps_the_state_of_the_finished_steps(host, clip):
     import comfy.model_management as mm
-    nodes = host.pack_module("nodes.tune_a_video")
+    nodes = host.pack_module("engine.tune_a_video")
     settings = dict(steps=10, learning_rate=1e-3, weight_decay=1e-2, max_grad_norm=1.0, seed=0,
                     gradient_checkpointing=False, mixed_precision="fp32")
 

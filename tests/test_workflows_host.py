@@ -12,7 +12,7 @@ from host_compat import REPO_ROOT
 from host_server import free_port
 
 WORKFLOWS = REPO_ROOT / "workflows"
-HEADLESS = WORKFLOWS / "run_headless.py"
+HEADLESS = [sys.executable, "-m", "rerender_cli.run_headless"]   # run with cwd=REPO_ROOT
 # The shipped defaults name real models and 512x512 frames; these make the same graphs cheap on a CPU.
 TINY_OVERRIDES = {
     "LoadVideo": {"file": "clip.mp4"},
@@ -85,7 +85,7 @@ def test_fidelity_img2img_workflow_runs(server):
 
 
 def run_headless(*args):
-    return subprocess.run([sys.executable, str(HEADLESS), *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run([*HEADLESS, *args], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
 
 
 @pytest.mark.parametrize("name", list(HEADLESS_SETS))

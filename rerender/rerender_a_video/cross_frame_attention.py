@@ -18,7 +18,7 @@ from typing import Collection, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .evaluation_plan import Evaluation
+from ..evaluation_plan import Evaluation
 from .keyframe_constraints import period_steps
 
 LayerKey = Tuple[str, int, int]

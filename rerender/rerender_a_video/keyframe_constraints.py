@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fidelity import latent_scale
-from .warp import downsample_mask_max, flow_warp, resize_flow, soften_occlusion
+from ..fidelity import latent_scale
+from ..warp import downsample_mask_max, flow_warp, resize_flow, soften_occlusion
 
 PERIOD_TOLERANCE = 1e-6
 FLAT_TOLERANCE = 1e-6

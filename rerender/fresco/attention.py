@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .fresco import Trajectories
+from .geometry import Trajectories
 
 SPATIAL_LOGIT_SCALE = 0.2   # the reference multiplies the logits by 0.2 (paper: lambda_s = 5)
 TEMPORAL_LOGIT_SCALE = 0.2  # paper: lambda_t = 5

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import aiohttp
 
-import run_headless as headless
-from run_headless import UserError
+from . import run_headless as headless
+from .errors import UserError
 
 PROPAGATOR = "Rerender_PatchPropagator"
 PICKER = "Rerender_KeyframePicker"

@@ -9,7 +9,7 @@ later key frame of the shot, in order, gets
 the final pass also refreshes the "previous key frame" attention cache. A new shot starts from a new anchor with
 empty caches, so no constraint reads a frame of another shot.
 
-Each pass is ONE call of the host's sampler over the whole schedule (steered_sampling): the blend and the x̂0
+Each pass is ONE call of the host's sampler over the whole schedule (`engine.sampling`): the blend and the x̂0
 edits change the state the model is evaluated at from inside that call, so no step is skipped, multistep history
 is kept and every sampler takes an edit δ as the reference's DDIM does (state moved by exactly δ). Evaluations
 before the first blend are identical in both passes (same seed, same constraints), so the final pass replays the
@@ -26,15 +26,15 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from ..rerender import keyframe_constraints as constraints
+from ..rerender.rerender_a_video import keyframe_constraints as constraints
 from ..rerender.adain import adain, channel_stats
-from ..rerender.cross_frame_attention import CrossFrameAttention, Mode
+from ..rerender.rerender_a_video.cross_frame_attention import CrossFrameAttention, Mode
 from ..rerender.evaluation_plan import Evaluation, EvaluationPlan
 from ..rerender.fidelity import fidelity_encode
 from .control_hints import check_control_hints, conditioning_for_frames
 from .cross_frame_attention import find_cross_frame_attention
-from .fidelity_encode import check_vae_size
-from .steered_sampling import SteeringHooks, refusal, steered_sampler
+from .vae import check_vae_size
+from .sampling import SteeringHooks, refusal, steered_sampler
 
 NODE_NAME = "Key Frame Sampler"
 
@@ -132,7 +132,7 @@ def check_render_inputs(node: str, frames, keyframes, flow, model, vae, positive
 
 
 class KeyframePass(SteeringHooks):
-    """What one pass does at each model evaluation (steered_sampling hooks).
+    """What one pass does at each model evaluation (`engine.sampling` hooks).
 
     before: tell cross-frame attention which evaluation runs; in a blend step, blend the state toward the noised
     reference. after: at each step's own evaluation, record the anchor's x̂0 (`record`) or edit the key frame's:

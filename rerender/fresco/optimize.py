@@ -26,8 +26,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .fresco import CyclicFlows
-from .warp import flow_warp
+from .geometry import CyclicFlows
+from ..warp import flow_warp
 
 SPATIAL_WEIGHT = 50.0   # paper lambda_spat
 TEMPORAL_WEIGHT = 1.0   # paper: no weight on the temporal term

@@ -1,7 +1,7 @@
 """FRESCO key frame translation (reference §4.3, §4.4, §4.7), free of the host: batching with shared anchors,
 per-batch flow geometry (cyclic flows, unique-region masks, trajectories) and background smoothing.
 
-The attention guidance lives in `fresco_attention`, the feature optimisation in `fresco_optimize`.
+The attention guidance lives in `attention`, the feature optimisation in `optimize`.
 
 Flow conventions follow `warp` / `flow`: within a batch of N frames, pair k is (frame k -> frame k+1 mod N), the
 last one (N-1 -> 0) being the wrap pair. `backward[k]` lies on frame k+1's grid and lays frame k onto it
@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .flow import PHOTOMETRIC_THRESHOLD, photometric_occlusion
-from .warp import flow_warp, resize_flow
+from ..flow import PHOTOMETRIC_THRESHOLD, photometric_occlusion
+from ..warp import flow_warp, resize_flow
 
 MIN_BATCH_SIZE = 3
 MIN_NEW_KEYS_IN_LAST_BATCH = 3  # the reference's short-last-batch rule

@@ -1,12 +1,12 @@
 """Host-bound orchestration of FRESCO's key frame translation (reference §4.1-4.7) on any host sampler.
 
-The key frames are rendered in batches with shared anchors (`rerender.fresco.plan_batches`). Per batch:
+The key frames are rendered in batches with shared anchors (`rerender.fresco.geometry.plan_batches`). Per batch:
   precomputation - cyclic flows of the batch from the pack's flow stage (with FRESCO's photometric test); unique-
                    region masks, trajectories and grids are made on first use per token grid;
   reference pass - one model evaluation at the smallest noise level of the schedule, without ControlNet: the
                    FRESCO layers' self-attention Q/K (spatial-guided attention) and the decoder up-block inputs
                    (Gram references of the spatial loss) are recorded;
-  sampling       - ONE call of the host's sampler over the batch (steered_sampling): before every evaluation the
+  sampling       - ONE call of the host's sampler over the batch (`engine.sampling`): before every evaluation the
                    anchor slots are overwritten with the previous batch's latents of the same evaluation and this
                    batch's first and last slot are recorded; the FRESCO layers run FRESCO-guided attention
                    (attn1_replace) and the up-block inputs are optimised (output_block_patch) in their steps; x̂0 is
@@ -25,14 +25,14 @@ import torch
 from comfy.ldm.modules.attention import BasicTransformerBlock, optimized_attention, optimized_attention_masked
 from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 
-from ..rerender import fresco
-from ..rerender import fresco_attention as fa
-from ..rerender import fresco_optimize as fo
-from ..rerender import keyframe_constraints as constraints
+from ..rerender.fresco import attention as fa
+from ..rerender.fresco import geometry as fresco
+from ..rerender.fresco import optimize as fo
+from ..rerender.rerender_a_video import keyframe_constraints as constraints
 from ..rerender.evaluation_plan import Evaluation
 from .control_hints import conditioning_for_frames
-from .keyframe_rendering import CountingVAE, RenderStats, Schedule, check_render_inputs
-from .steered_sampling import SteeringHooks, refusal, steered_sampler
+from .rerender_a_video import CountingVAE, RenderStats, Schedule, check_render_inputs
+from .sampling import SteeringHooks, refusal, steered_sampler
 
 NODE_NAME = "FRESCO Key Frames"
 MiB = 2 ** 20

@@ -8,7 +8,7 @@ browser does not list and `run_headless.py` reads.
 
 Every widget not set here gets the node's own default, read from the node definitions of a real ComfyUI with this
 pack loaded. Run after changing a node's inputs:
-    COMFYUI_PATH=/path/to/ComfyUI python workflows/build_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI python -m rerender_cli.build_workflows
 """
 import json
 import sys
@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 AUTOGROW = "COMFY_AUTOGROW_V3"                      # a growing list of sockets, e.g. Batch Images' images.image0..
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
@@ -62,11 +63,11 @@ class Workflow:
         return self.title or self.name
 
 
-API_DIR = HERE / "api"
+API_DIR = WORKFLOWS / "api"
 
 
 def ui_path(workflow: Workflow) -> Path:
-    return HERE / f"{workflow.ui_name}.json"
+    return WORKFLOWS / f"{workflow.ui_name}.json"
 
 
 def api_path(workflow: Workflow) -> Path:
@@ -495,7 +496,7 @@ def build(nodes_module) -> list:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent / "tests"))
+    sys.path.insert(0, str(REPO / "tests"))
     from conftest import HostSession
     from host_compat import find_comfyui
     comfy_path, reason = find_comfyui()
@@ -503,4 +504,4 @@ if __name__ == "__main__":
         sys.exit(f"build_workflows: {reason}")
     host = HostSession(comfy_path, Path(tempfile.mkdtemp()))
     for path in build(host.nodes):
-        print(f"wrote {path.relative_to(HERE.parent)}")
+        print(f"wrote {path.relative_to(REPO)}")

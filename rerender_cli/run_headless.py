@@ -1,6 +1,6 @@
 """Queue a Rerender workflow on a running ComfyUI server, headless, and write the output video.
 
-    python workflows/run_headless.py --video input.mp4 --output styled.mp4 --prompt "a van gogh painting"
+    python -m rerender_cli.run_headless --video input.mp4 --output styled.mp4 --prompt "a van gogh painting"
 
 Uploads the video, checks every model file and node the workflow names against the server before queueing,
 queues it (POST /prompt), follows the websocket with a progress bar, and downloads the saved video.
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import aiohttp
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_WORKFLOW = HERE / "api" / "rerender_full_pipeline.json"
+from .errors import UserError
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+DEFAULT_WORKFLOW = WORKFLOWS / "api" / "rerender_full_pipeline.json"
 CONNECT_TIMEOUT_S = 10
 # Combo inputs whose values are model files, with the models/ folder a user must put them in.
 MODEL_FOLDERS = {"ckpt_name": "checkpoints", "lora_name": "loras", "control_net_name": "controlnet",
@@ -28,14 +30,6 @@ MODEL_FOLDERS = {"ckpt_name": "checkpoints", "lora_name": "loras", "control_net_
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 INTERRUPTED_EXIT = 130
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line with its exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 def parse_args(argv):
@@ -298,7 +292,7 @@ async def run(args) -> Path:
         raise UserError(f"input video '{args.video}' does not exist", 3)
     prompt = read_workflow(args.workflow)
     if args.servers:
-        import scale_out
+        from . import scale_out
         return await scale_out.run(args, prompt)
     url = server_url(args.server)
     client_id = uuid.uuid4().hex
@@ -372,5 +366,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import run_headless  # the module scale_out imports too: one UserError class for both, not a __main__ copy
-    sys.exit(run_headless.main())
+    sys.exit(main())
