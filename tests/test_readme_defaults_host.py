@@ -1,21 +1,24 @@
-"""Every default the README documents equals the node's own (its V3 schema, as the host loads it): each
-"| input | default | meaning |" table under a "### Title (`Rerender_X`)" heading, whoever wrote the section."""
+"""Every default the documentation pages (docs/*.md, linked from the README) give equals the node's own (its V3
+schema, as the host loads it): each "| input | default | meaning |" table under a "## Title (`Rerender_X`)"
+heading, whoever wrote the section."""
 import re
 
 import pytest
 
 from host_compat import REPO_ROOT
 
-HEADING = re.compile(r"^### .*\(`(Rerender_\w+)`\)\s*$")
+HEADING = re.compile(r"^#{2,3} .*\(`(Rerender_\w+)`\)\s*$")
+PAGES = sorted((REPO_ROOT / "docs").glob("*.md"))
 WORDS = {"on": True, "true": True, "off": False, "false": False}
 
 
 def readme_tables() -> dict:
-    """node id -> [(row text, input names, documented default values)] from the README's input tables."""
+    """node id -> [(row text, input names, documented default values)] from the pages' input tables."""
     tables, node_id, in_table = {}, None, False
-    for line in (REPO_ROOT / "README.md").read_text().splitlines():
+    lines = [line for page in PAGES for line in ["# " + page.name, *page.read_text().splitlines()]]
+    for line in lines:
         heading = HEADING.match(line)
-        if heading or line.startswith("## ") or line.startswith("### "):
+        if heading or line.startswith("#"):
             node_id, in_table = (heading.group(1) if heading else None), False
             continue
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("|") else None
@@ -66,20 +69,20 @@ def test_every_documented_default_is_the_nodes_default(host):
     assert "Rerender_KeyframePicker" in tables and "Rerender_PatchPropagator" in tables, sorted(tables)
     checked = 0
     for node_id, rows in tables.items():
-        assert node_id in host.nodes.NODE_CLASS_MAPPINGS, f"README documents {node_id}, which the pack lacks"
+        assert node_id in host.nodes.NODE_CLASS_MAPPINGS, f"the docs document {node_id}, which the pack lacks"
         schema = host.nodes.NODE_CLASS_MAPPINGS[node_id].define_schema()
         defaults = {socket.id: getattr(socket, "default", None) for socket in schema.inputs}
         for row, names, values in rows:
             unknown = [name for name in names if name not in defaults]
-            assert not unknown, f"{node_id}: README row names inputs the node lacks {unknown}: {row}"
+            assert not unknown, f"{node_id}: a docs row names inputs the node lacks {unknown}: {row}"
             # fewer values than names: the values belong to the last names (the first ones are sockets)
             for name, value in zip(names[len(names) - len(values):], values):
                 assert matches(value, defaults[name]), (
-                    f"{node_id}.{name}: README says {value!r}, the node's default is {defaults[name]!r} ({row})")
+                    f"{node_id}.{name}: the docs say {value!r}, the node's default is {defaults[name]!r} ({row})")
                 checked += 1
         documented = {name for _, names, _ in rows for name in names}
         missing = [name for name, default in defaults.items() if default is not None and name not in documented]
-        assert not missing, f"{node_id}: inputs with a default missing from the README's table: {missing}"
+        assert not missing, f"{node_id}: inputs with a default missing from the docs' table: {missing}"
     assert checked > 30
 
 
