@@ -10,8 +10,9 @@ The key frames are rendered in batches with shared anchors (`rerender.fresco.geo
                    anchor slots are overwritten with the previous batch's latents of the same evaluation and this
                    batch's first and last slot are recorded; the FRESCO layers run FRESCO-guided attention
                    (attn1_replace) and the up-block inputs are optimised (output_block_patch) in their steps; x̂0 is
-                   background-smoothed in image space in its steps (the edit moves the state as the reference's
-                   DDPM posterior mean does, for every sampler alike).
+                   background-smoothed in image space in its steps, and the smoothed x̂0 enters the running sampler
+                   as its own prediction would (`x0_edit_rule = "sampler"`): with ddpm, the reference's DDPM
+                   posterior mean of the smoothed x̂0 (pipe_FRESCO.step), the state moved by β_t/(1-ᾱ_t)·δ.
 Everything lives on a clone of the model made for the run; the model passed in is never changed.
 """
 import dataclasses
@@ -295,7 +296,9 @@ class FrescoPatches:
 
 # ------------------------------------------------------------------------------------------------------- hooks
 class FrescoPass(SteeringHooks):
-    """One batch's sampling: shared anchors before each evaluation, the components of its step, x̂0 smoothing."""
+    """One batch's sampling: shared anchors before each evaluation, the components of its step, x̂0 smoothing
+    (taken by the sampler as its own prediction, as the reference's step takes the smoothed x̂0)."""
+    x0_edit_rule = "sampler"
 
     def __init__(self, renderer: "FrescoRenderer", batch: fresco.KeyFrameBatch, number: int):
         self.renderer, self.batch, self.number = renderer, batch, number
