@@ -10,8 +10,9 @@ The key frames are rendered in batches with shared anchors (`rerender.fresco.geo
                    anchor slots are overwritten with the previous batch's latents of the same evaluation and this
                    batch's first and last slot are recorded; the FRESCO layers run FRESCO-guided attention
                    (attn1_replace) and the up-block inputs are optimised (output_block_patch) in their steps; x̂0 is
-                   background-smoothed in image space in its steps (the edit moves the state as the reference's
-                   DDPM posterior mean does, for every sampler alike).
+                   background-smoothed in image space in its steps, and the smoothed x̂0 enters the running sampler
+                   as its own prediction would (`x0_edit_rule = "sampler"`): with ddpm, the reference's DDPM
+                   posterior mean of the smoothed x̂0 (pipe_FRESCO.step), the state moved by β_t/(1-ᾱ_t)·δ.
 Everything lives on a clone of the model made for the run; the model passed in is never changed.
 """
 import dataclasses
@@ -58,6 +59,7 @@ class FrescoSettings:
     temporal_loss: bool = True
     iterations: int = fo.ITERATIONS
     learning_rate: float = fo.LEARNING_RATE
+    loss_form: str = fo.DEFAULT_FORM                          # "code" (official) or "paper" (Eq. 5/6)
     smoothing_period: Tuple[float, float] = (0.8, 0.85)       # steps 16 and 17 of 20
 
 
@@ -81,6 +83,8 @@ def validate_settings(s: FrescoSettings) -> Optional[str]:
         return f"{NODE_NAME}: `spatial_guided_steps` and `iterations` must be >= 0."
     if s.learning_rate <= 0:
         return f"{NODE_NAME}: `learning_rate` must be positive, got {s.learning_rate}."
+    if s.loss_form not in fo.LOSS_FORMS:
+        return f"{NODE_NAME}: `loss_form` must be one of {', '.join(fo.LOSS_FORMS)}, got {s.loss_form!r}."
     problem = refusal(s.sampler_name, NODE_NAME)
     if problem:
         return problem
@@ -114,7 +118,7 @@ def _decoder_levels(unet) -> List[int]:
 
 def fresco_layers(model) -> List[LayerKey]:
     """The self-attention layers FRESCO guides: the decoder's two finest levels (SD1.5's up_blocks.2 and .3, the
-    6 layers at 1/4 and 1/8 of the image; on SDXL, whose finest level has no attention, its 640-channel layers)."""
+    6 layers at 1/16 and 1/8 of the image; on SDXL, whose finest level has no attention, its 640-channel layers)."""
     unet = model.get_model_object("diffusion_model")
     levels = _decoder_levels(unet)
     attended = []
@@ -273,12 +277,13 @@ class FrescoPatches:
         geometry, s = self.geometry, self.settings
         if self.phase == "reference" and self.record_features:
             for branch, chunk in zip(branches, h.chunk(len(branches))):
-                geometry.gram[(block[1], branch)] = fo.GramReference(chunk)
+                geometry.gram[(block[1], branch)] = fo.GramReference(
+                    chunk, distance=fo.LOSS_FORMS[s.loss_form].gram_distance)
             self.peak_gram_bytes = max(self.peak_gram_bytes, geometry.gram_bytes())
         elif self.phase == "sample" and self.components.optimize:
             gram = geometry.gram_reference(block[1], branches) if s.spatial_loss else None
             flows = geometry.flows if s.temporal_loss else None
-            optimized, report = fo.optimize_feature(h, gram, flows, s.iterations, s.learning_rate)
+            optimized, report = fo.optimize_feature(h, gram, flows, s.iterations, s.learning_rate, s.loss_form)
             for name, before, after in (("spatial", report.spatial_before, report.spatial_after),
                                         ("temporal", report.temporal_before, report.temporal_after)):
                 if before is not None:
@@ -291,7 +296,9 @@ class FrescoPatches:
 
 # ------------------------------------------------------------------------------------------------------- hooks
 class FrescoPass(SteeringHooks):
-    """One batch's sampling: shared anchors before each evaluation, the components of its step, x̂0 smoothing."""
+    """One batch's sampling: shared anchors before each evaluation, the components of its step, x̂0 smoothing
+    (taken by the sampler as its own prediction, as the reference's step takes the smoothed x̂0)."""
+    x0_edit_rule = "sampler"
 
     def __init__(self, renderer: "FrescoRenderer", batch: fresco.KeyFrameBatch, number: int):
         self.renderer, self.batch, self.number = renderer, batch, number

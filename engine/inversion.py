@@ -18,6 +18,7 @@ import torch
 
 from ..rerender import inversion as ddim
 from .control_hints import check_control_hints, conditioning_for_frames
+from .tune_a_video import is_tuned
 from .vae import check_vae_size
 
 NODE_NAME = "Video Inversion (DDIM)"
@@ -51,6 +52,13 @@ def start_noise(model, state: torch.Tensor, sigma: float) -> torch.Tensor:
     return ddim.noise_for_start(state, torch.zeros_like(state), unit.reshape(()).to(state))
 
 
+def frames_per_call(model, frame_count: int, batch_size: int) -> int:
+    """`batch_size`, or the whole clip for a model that carries Tune-A-Video attention: its sparse-causal and
+    temporal attention span the batch a call holds, so a piece of the clip would see other neighbours than the
+    edit does (the reference inverts the whole video in one call)."""
+    return max(frame_count, 1) if is_tuned(model) else batch_size
+
+
 def _input_scale(sampling) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda sigma: sampling.calculate_input(sigma.reshape(1).float(), torch.ones(1, 1, 1, 1)).reshape(())
 
@@ -61,7 +69,8 @@ def invert_latents(model, conditioning, latents: torch.Tensor, sigmas: torch.Ten
                    storage_dtype: torch.dtype = torch.float16) -> ddim.Inversion:
     """DDIM-invert raw latents [N,C,h,w] (VAE space) with `model` and `conditioning` (CFG 1) for the editing
     schedule `sigmas` (descending, as `editing_sigmas` returns), `inversion_steps` levels over the full noise range.
-    Runs `batch_size` frames per model call; each batch's ControlNets get their own frames' hints. `on_step()` is
+    Runs `batch_size` frames per model call (a Tune-A-Video model: the whole clip, `frames_per_call`); each
+    batch's ControlNets get their own frames' hints. `on_step()` is
     called after every model call (progress; an interruption raises there too). Returns the Inversion."""
     check_invertible(model, NODE_NAME)
     check_control_hints({"conditioning": conditioning}, latents.shape[0], NODE_NAME)
@@ -71,6 +80,7 @@ def invert_latents(model, conditioning, latents: torch.Tensor, sigmas: torch.Ten
     latents = latents.detach().float().cpu()
     states = torch.empty((len(keep),) + tuple(latents.shape), dtype=storage_dtype)
     by_level = {level: k for k, level in enumerate(keep)}
+    batch_size = frames_per_call(model, latents.shape[0], batch_size)
     for start in range(0, latents.shape[0], batch_size):
         frames = list(range(start, min(start + batch_size, latents.shape[0])))
         saved = _invert_batch(model, conditioning_for_frames(conditioning, frames, latents.shape[0]),
@@ -115,6 +125,7 @@ def reconstruct(model, inversion: ddim.Inversion, batch_size: int = DEFAULT_BATC
     levels = inversion.grid.flip(0)
     sampler = comfy.samplers.sampler_object("euler")
     out = []
+    batch_size = frames_per_call(model, inversion.frame_count, batch_size)
     for start in range(0, inversion.frame_count, batch_size):
         frames = list(range(start, min(start + batch_size, inversion.frame_count)))
         noise = start_noise(model, inversion.state(top_step, frames), top)
@@ -156,7 +167,11 @@ def invert_clip(model, conditioning, frames, vae, latent, steps: int, denoise: f
     sigmas = editing_sigmas(model, steps, sampler_name, scheduler, denoise)
     check_invertible(model, NODE_NAME)
     check_control_hints({"conditioning": conditioning}, latents.shape[0], NODE_NAME)
-    batches = math.ceil(latents.shape[0] / batch_size)
+    per_call = frames_per_call(model, latents.shape[0], batch_size)
+    if per_call != batch_size:
+        logging.info("%s: a Tune-A-Video model: all %d frames in one model call (its attention spans the clip), "
+                     "batch_size %d not used.", NODE_NAME, per_call, batch_size)
+    batches = math.ceil(latents.shape[0] / per_call)
     grid_steps = len(ddim.inversion_grid(sigmas, model.get_model_object("model_sampling").sigmas,
                                          inversion_steps)) - 1
     progress = progress_bar(2 * grid_steps * batches)

@@ -135,7 +135,8 @@ class KeyframePass(SteeringHooks):
     """What one pass does at each model evaluation (`engine.sampling` hooks).
 
     before: tell cross-frame attention which evaluation runs; in a blend step, blend the state toward the noised
-    reference. after: at each step's own evaluation, record the anchor's x̂0 (`record`) or edit the key frame's:
+    reference, with the previous step's edited x̂0 (the reference's rule, whatever evaluations a multi-evaluation
+    sampler makes in between). after: at each step's own evaluation, record the anchor's x̂0 (`record`) or edit the key frame's:
     AdaIN to the anchor's statistics, then shape-aware fusion with the warped anchor x̂0 (reference update_x0),
     each against the anchor's evaluation with the same index and σ. Rough passes with a blend keep their model
     outputs up to the first blend step; the final pass replays them there."""
@@ -182,7 +183,7 @@ class KeyframePass(SteeringHooks):
             edited = self._edit(evaluation, denoised)
             if self.replayed is None or index >= self.replay_until:
                 self.renderer.step_done(self.info, evaluation.step, edited)
-        self.last_x0 = edited
+            self.last_x0 = edited  # the step's edited x̂0, not a later correction's (Heun's at σ_{i+1})
         return edited
 
     def _edit(self, evaluation: Evaluation, x0: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,15 @@ whole schedule. Its model function, per evaluation:
   hooks.before(evaluation, state) may return a new state (O absorbs the difference),
   the model is called (or hooks.replay returns a recorded output, except for samplers that read the CFG halves),
   hooks.after(evaluation, state, x̂0) may return an edited x̂0: the sampler still gets the model's own x̂0, and the
-  edit δ moves the state entering the next step by exactly a(σ)·δ (the reference's DDIM rule "edited x̂0, the
-  UNet's own noise"), for every sampler alike.
+  edit δ reaches the state by the hooks' `x0_edit_rule`:
+    "ddim"    - the state entering the next step moves by exactly a(σ)·δ (Rerender's DDIM rule "edited x̂0, the
+                UNet's own noise"), for every sampler alike (the Key Frame Sampler);
+    "sampler" - as if the model had predicted the edited x̂0: every later state moves by the running sampler's own
+                response to that prediction (a second probe: a model that predicts 0 except a unit x̂0 at that
+                evaluation), multistep history included; with ddpm that is the posterior mean's x̂0 coefficient
+                β_t/(1-ᾱ_t) = 1 - σ_{i+1}²/σ_i², as FRESCO's official DDPM step takes its smoothed x̂0 (FRESCO).
 """
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import comfy.samplers
 import torch
@@ -26,6 +31,7 @@ REFUSED_SAMPLERS = {
     "dpm_fast": "runs its own DPM-Solver grid between the first and last σ, not the schedule's steps",
 }
 PROBE_TOLERANCE = 1e-6
+X0_EDIT_RULES = ("ddim", "sampler")
 
 
 def supported_samplers():
@@ -43,8 +49,10 @@ def refusal(sampler_name: str, node_name: str) -> Optional[str]:
 
 
 class SteeringHooks:
-    """What a pass does at its evaluations; every method may be left as is. `plan` is set before the run."""
+    """What a pass does at its evaluations; every method may be left as is. `plan` is set before the run;
+    `x0_edit_rule` (one of X0_EDIT_RULES, see the module doc) says how an edit `after` returns reaches the state."""
     plan: Optional[EvaluationPlan] = None
+    x0_edit_rule: str = "ddim"
 
     def start(self, plan: EvaluationPlan) -> None:
         self.plan = plan
@@ -63,17 +71,24 @@ class SteeringHooks:
 
 
 class _ZeroModel:
-    """The sampler's model function with every prediction 0 (or `value`), the host model's attributes kept."""
+    """The sampler's model function with every prediction `value`, or (`unit_at` given) 0 except an x̂0 of 1 at
+    evaluation `unit_at`, its uncond half left 0 (the response to the x̂0 alone); the host model's attributes kept."""
 
-    def __init__(self, model, value: float):
-        self.model, self.value, self.seen = model, value, []
+    def __init__(self, model, value: float, unit_at: Optional[int] = None):
+        self.model, self.value, self.unit_at, self.seen = model, value, unit_at, []
 
     def __call__(self, x, sigma, **extra_args):
+        index = len(self.seen)
         self.seen.append((x.detach().clone(), float(sigma.flatten()[0])))
-        out = torch.full_like(x, self.value)
+        if self.unit_at is None:
+            out = torch.full_like(x, self.value)
+            uncond = out
+        else:
+            out = torch.full_like(x, 1.0 if index == self.unit_at else 0.0)
+            uncond = torch.zeros_like(x)
         for fn in extra_args.get("model_options", {}).get("sampler_post_cfg_function", []):
-            out = fn({"denoised": out, "cond_denoised": out, "uncond_denoised": out, "model": self.model,
-                      "sigma": sigma, "input": x, "cond": x - out, "uncond": x - out, "cond_scale": 1.0,
+            out = fn({"denoised": out, "cond_denoised": out, "uncond_denoised": uncond, "model": self.model,
+                      "sigma": sigma, "input": x, "cond": x - out, "uncond": x - uncond, "cond_scale": 1.0,
                       "model_options": extra_args.get("model_options", {})})
         return out
 
@@ -81,8 +96,9 @@ class _ZeroModel:
         return getattr(self.model, name)
 
 
-def _probe_run(function, model, x, sigmas, extra_args, options, start: float, value: float, dtype):
-    zero = _ZeroModel(model, value)
+def _probe_run(function, model, x, sigmas, extra_args, options, start: float, value: float, dtype,
+               unit_at: Optional[int] = None):
+    zero = _ZeroModel(model, value, unit_at)
     args = {k: v for k, v in (extra_args or {}).items() if k != "denoise_mask"}
     args["model_options"] = dict(args.get("model_options", {}))
     probe_x = torch.full(x.shape, start, dtype=dtype, device=x.device)
@@ -96,10 +112,7 @@ def probe_plan(function, model, x, sigmas, extra_args, options, schedule, first_
     def probe(dtype):
         return {(start, value): _probe_run(function, model, x, sigmas, extra_args, options, start, value, dtype)
                 for start, value in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))}
-    try:
-        runs = probe(torch.float64)  # float64: a stochastic sampler's noise cancels to ~1e-15 in the differences
-    except RuntimeError:
-        runs = probe(x.dtype)        # UniPC solves in the schedule's dtype (it is deterministic: exact anyway)
+    runs = _in_float64(probe, x)
     sigma_runs = [[s for _, s in seen] for seen, _ in runs.values()]
     if any(len(r) != len(sigma_runs[0]) or any(abs(a - b) > 1e-6 * max(abs(a), 1e-8) for a, b in zip(r, sigma_runs[0]))
            for r in sigma_runs):
@@ -121,21 +134,65 @@ def probe_plan(function, model, x, sigmas, extra_args, options, schedule, first_
                                       values[-1])
 
 
+def _in_float64(probe, x):
+    try:
+        return probe(torch.float64)  # float64: a stochastic sampler's noise cancels to ~1e-15 in the differences
+    except RuntimeError:
+        return probe(x.dtype)        # UniPC solves in the schedule's dtype (it is deterministic: exact anyway)
+
+
+def probe_x0_response(function, model, x, sigmas, extra_args, options, index: int) -> Tuple[float, ...]:
+    """d(state at every evaluation, then the returned sample) / d(x̂0 predicted at evaluation `index`): the
+    sampler run on a model that predicts 0 but a unit x̂0 at `index`, against the all-zero run."""
+    def probe(dtype):
+        return [_probe_run(function, model, x, sigmas, extra_args, options, 0.0, 0.0, dtype, unit_at)
+                for unit_at in (None, index)]
+    (seen_zero, out_zero), (seen_unit, out_unit) = _in_float64(probe, x)
+    values = []
+    for difference in [a - b for (a, _), (b, _) in zip(seen_unit, seen_zero)] + [out_unit - out_zero]:
+        scale = difference.flatten()[0]
+        if (difference - scale).abs().max() > PROBE_TOLERANCE:
+            raise RuntimeError("the sampler's response to its prediction is not uniform over the latent.")
+        values.append(float(scale))
+    return tuple(values)
+
+
 class _SteeredModel:
     """The sampler's model function: the model called at the steered state, hooks around each evaluation."""
 
-    def __init__(self, model, plan: EvaluationPlan, hooks: SteeringHooks, model_sampling):
+    def __init__(self, model, plan: EvaluationPlan, hooks: SteeringHooks, model_sampling, x0_response):
         self.model, self.plan, self.hooks, self.model_sampling = model, plan, hooks, model_sampling
+        self.x0_response = x0_response
         self.index, self.offset, self.pending_edit = 0, None, None
+        # x̂0 edits under the "sampler" rule: per edit, what it adds at later evaluations beyond what the state
+        # carry brings there (its direct effect, then its multistep history use), and δ
+        self.x0_edits: List[Tuple[Dict[int, float], torch.Tensor]] = []
+
+    def _shift(self, shift):
+        self.offset = shift if self.offset is None else self.offset + shift
 
     def _carry(self, index):
+        factor = self.plan.carry(index)
         if self.offset is not None:
-            self.offset = self.offset * self.plan.carry(index)
+            self.offset = self.offset * factor
+        for added, delta in self.x0_edits:
+            if index in added:
+                self._shift(added[index] * delta)
+        self.x0_edits = [(added, delta) for added, delta in self.x0_edits if max(added) > index]
+
+    def _edit_as_prediction(self, index, delta):
+        """The "sampler" rule: the state at every later evaluation m moves by response[m]·δ, response = the
+        sampler's own d(state at m)/d(x̂0 at `index`); the carry brings carry(m)·response[m-1] of it from m-1."""
+        response = self.x0_response(index)
+        added = {m: response[m] - self.plan.carry(m) * response[m - 1] for m in range(index + 1, len(response))}
+        added = {m: value for m, value in added.items() if abs(value) > PROBE_TOLERANCE * 1e-3}
+        if added:
+            self.x0_edits.append((added, delta))
 
     def _apply_pending(self, sigma):
         if self.pending_edit is not None:
             shift = self.model_sampling.noise_scaling(sigma, torch.zeros_like(self.pending_edit), self.pending_edit)
-            self.offset = shift if self.offset is None else self.offset + shift
+            self._shift(shift)
             self.pending_edit = None
 
     def __call__(self, x, sigma, **extra_args):
@@ -162,7 +219,10 @@ class _SteeredModel:
             denoised = self.model(state, sigma, **extra_args)
         edited = self.hooks.after(evaluation, state, denoised)
         if edited is not denoised:
-            self.pending_edit = edited - denoised
+            if self.hooks.x0_edit_rule == "sampler":
+                self._edit_as_prediction(self.index, edited - denoised)
+            else:
+                self.pending_edit = edited - denoised
         self.index += 1
         return denoised
 
@@ -188,14 +248,27 @@ def steered_sampler(sampler_name: str, hooks: SteeringHooks, schedule: torch.Ten
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **extra_options):
         run_options = {**options, **extra_options}
+        # the probes' arguments as they come in: a sampler adds its own post-CFG function to `extra_args` (the
+        # *_cfg_pp ones), which a probe made during the run must not call (it would overwrite the run's state)
+        probe_args = dict(extra_args or {})
         key = (sampler_name, tuple(float(v) for v in sigmas), tuple(x.shape), (extra_args or {}).get("seed"))
         plan = None if plans is None else plans.get(key)
         if plan is None:
-            plan = probe_plan(function, model, x, sigmas, extra_args, run_options, schedule, first_step)
+            plan = probe_plan(function, model, x, sigmas, probe_args, run_options, schedule, first_step)
             if plans is not None:
                 plans[key] = plan
+        def x0_response(index):
+            cached = None if plans is None else plans.get(("x0 response", key, index))
+            if cached is None:
+                cached = probe_x0_response(function, model, x, sigmas, probe_args, run_options, index)
+                if plans is not None:
+                    plans[("x0 response", key, index)] = cached
+            return cached
+
+        if hooks.x0_edit_rule not in X0_EDIT_RULES:
+            raise ValueError(f"x̂0 edit rule {hooks.x0_edit_rule!r}: use one of {X0_EDIT_RULES}.")
         hooks.start(plan)
-        steered = _SteeredModel(model, plan, hooks, model.inner_model.inner_model.model_sampling)
+        steered = _SteeredModel(model, plan, hooks, model.inner_model.inner_model.model_sampling, x0_response)
         out = function(steered, x, sigmas.clone(), extra_args=extra_args, callback=callback, disable=disable,
                        **run_options)
         out = steered.finish(out)

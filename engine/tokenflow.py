@@ -9,7 +9,8 @@ predict_noise) is TokenFlow's step:
                     previous chunk's, sigmoid-blended); attention itself is not computed.
 The source branch (the inverted latent of the step, with the inversion prompt) runs before the edit branches of
 each pass as its own model call: its normed self-attention inputs give the NN fields and, for the PnP periods,
-its self-attention Q/K and one decoder res block's output replace the edit branches' (plug-and-play injection).
+its self-attention Q/K and one decoder res block's residual branch replace the edit branches' (plug-and-play
+injection; the edit keeps its own skip path, as the reference's register_conv_injection).
 Memory: the stored key frame outputs (all layers, ≤ 3 branches) plus one chunk of work.
 
 Patch points: an attn1_patch (reads the normed tokens), an attn1_replace on every self-attention layer (calls any
@@ -83,8 +84,22 @@ def patched_model(model, controller: TokenFlowAttention, layers: List[LayerKey])
     for name, number, index in layers:
         patched.set_model_attn1_replace(controller.attention, name, number, index)
     if controller.residual_block is not None:
-        patched.set_model_patch((ResBlock, controller.res_block), "forward_timestep_embed_patch")
+        patched.set_model_patch((ResBlock, residual_injection(controller)), "forward_timestep_embed_patch")
     return patched
+
+
+def skip_path(block: ResBlock, x: torch.Tensor) -> torch.Tensor:
+    """The host ResBlock's skip path on its input (its output is skip_path + the residual branch)."""
+    return block.skip_connection(block.x_upd(x) if block.updown else x)
+
+
+def residual_injection(controller: TokenFlowAttention):
+    """The forward_timestep_embed_patch that hands each ResBlock to the controller's residual-branch injection."""
+    def patch(layer, x, emb, context, transformer_options, output_shape, time_context, num_video_frames,
+              image_only_indicator):
+        return controller.res_block(transformer_options.get("block"), lambda: layer(x, emb),
+                                    lambda: skip_path(layer, x))
+    return patch
 
 
 # --------------------------------------------------------------------------------------------------- the guider

@@ -85,8 +85,8 @@ def transformer_blocks(model) -> Dict[str, BasicTransformerBlock]:
     return blocks
 
 
-def new_temporal_attention(block: BasicTransformerBlock) -> TemporalAttention:
-    return TemporalAttention(block.attn1.to_q.in_features, block.n_heads, block.d_head)
+def new_temporal_attention(block: BasicTransformerBlock, generator: torch.Generator) -> TemporalAttention:
+    return TemporalAttention(block.attn1.to_q.in_features, block.n_heads, block.d_head, generator)
 
 
 def query_keys(blocks: Dict[str, BasicTransformerBlock]) -> List[str]:
@@ -266,7 +266,8 @@ def tune(model, positive, latent: torch.Tensor, settings: dict, on_step=None):
         private = training_copy(model.model)
         training = model.clone(model_override=(private, ({}, {}, {}, set())))
         blocks = transformer_blocks(training)
-        temporal = {path: new_temporal_attention(block) for path, block in blocks.items()}
+        initial = torch.Generator().manual_seed(settings["seed"])  # the temporal attention's initial weights
+        temporal = {path: new_temporal_attention(block, initial) for path, block in blocks.items()}
         wrappers = {}
         for key in query_keys(blocks):
             wrappers[key] = QueryDelta(comfy.utils.get_attr(training.model, key).shape)

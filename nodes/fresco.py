@@ -19,9 +19,10 @@ DEFAULTS = FrescoSettings()
 SD15_UP_BLOCK_INPUTS_512 = ((1280, 8, 8), (1280, 16, 16), (1280, 32, 32), (640, 64, 64))
 
 
-def _batch_cost_at_512(frames: int) -> str:
+def _batch_cost_at_512(frames: int, form: str) -> str:
     """What a batch of `frames` costs in feature optimisation memory at 512² on SD1.5 (cond + uncond)."""
-    kept, peak = fo.memory_totals(fo.feature_optimization_memory(SD15_UP_BLOCK_INPUTS_512, frames))
+    kept, peak = fo.memory_totals(fo.feature_optimization_memory(
+        SD15_UP_BLOCK_INPUTS_512, frames, distance=fo.LOSS_FORMS[form].gram_distance))
     return f"{kept / 2 ** 20:.0f} MiB of Gram references + {peak / 2 ** 20:.0f} MiB working set"
 
 
@@ -89,8 +90,11 @@ class FrescoKeyFrames(io.ComfyNode):
                 io.Int.Input("batch_size", default=d.batch_size, min=3, max=64,
                              tooltip=f"Key frames rendered jointly (the reference: 8; later batches hold 2 shared "
                                      f"anchors + batch_size-2 new keys). Memory grows with it: at 512² on SD1.5 a "
-                                     f"batch of 8 costs {_batch_cost_at_512(8)} in feature optimisation, 4 "
-                                     f"costs {_batch_cost_at_512(4)}; the UNet itself runs 2×batch_size samples."),
+                                     f"batch of 8 costs {_batch_cost_at_512(8, 'code')} in feature optimisation "
+                                     f"with the code's loss form ({_batch_cost_at_512(8, 'paper')} with the "
+                                     f"paper's), 4 costs {_batch_cost_at_512(4, 'code')} "
+                                     f"({_batch_cost_at_512(4, 'paper')}); the UNet itself runs 2×batch_size "
+                                     f"samples."),
                 *period_inputs("cross_frame", "Efficient cross-frame attention (every frame attends to frame 0 and "
                                "the regions each later frame newly shows)", d.cross_frame_period,
                                "The reference: all steps."),
@@ -104,14 +108,16 @@ class FrescoKeyFrames(io.ComfyNode):
                                d.optimization_period, "The reference: the first 15 of 20 steps (0 to 0.7)."),
                 io.Boolean.Input("spatial_loss", default=d.spatial_loss,
                                  tooltip="Feature optimisation's spatial (intra-frame Gram) loss: keeps each frame's "
-                                         "token self-similarity that of the input frame (paper Eq. 6, x50)."),
+                                         "token self-similarity that of the input frame (code: L1 x100; paper Eq. "
+                                         "6: squared L2 x50; see loss_form)."),
                 io.Boolean.Input("temporal_loss", default=d.temporal_loss,
                                  tooltip="Feature optimisation's temporal (inter-frame flow-warp) loss: features of "
-                                         "consecutive key frames agree along the flow (paper Eq. 5)."),
+                                         "consecutive key frames agree along the flow (code: both directions over "
+                                         "the cyclic pairs, x2; paper Eq. 5: one direction; see loss_form)."),
                 io.Int.Input("iterations", default=d.iterations, min=0, max=1000,
                              tooltip="Adam iterations per optimised step and layer (the reference: 20)."),
                 io.Float.Input("learning_rate", default=d.learning_rate, min=0.001, max=10.0, step=0.01,
-                               tooltip="Adam learning rate (the paper: 0.4; its code: 0.2)."),
+                               tooltip="Adam learning rate (the code: 0.2, the default; the paper: 0.4)."),
                 *period_inputs("smoothing", "Background smoothing of x̂0 (needs `mask`)", d.smoothing_period,
                                "The reference: steps 16 and 17 of 20 (0.8 to 0.85)."),
                 VideoFlow.Input("flow", optional=True,
@@ -121,6 +127,14 @@ class FrescoKeyFrames(io.ComfyNode):
                               tooltip="Foreground mask (1 = foreground), one per clip frame or one for all, from "
                                       "any segmentation node (the host's Remove Background among them). Without it "
                                       "background smoothing is off."),
+                io.Combo.Input("loss_form", options=list(fo.LOSS_FORMS), default=d.loss_form, optional=True,
+                               tooltip="How feature optimisation writes its losses. code (default, FRESCO's "
+                                       "diffusion_hacked.py optimize_feature, which made the official results): "
+                                       "Gram L1 x100, flow loss both directions over the cyclic pairs x2, the last "
+                                       "Adam iterate. paper (Eq. 5/6): Gram squared L2 x50 (computed from C x C "
+                                       "products: far less memory at the 64x64 layer), flow loss one direction "
+                                       "over adjacent pairs, the lowest-loss iterate kept (set learning_rate 0.4 "
+                                       "for the paper's rate)."),
             ],
             outputs=[
                 io.Image.Output("images", display_name="IMAGE", tooltip="The rendered key frames, in key order."),

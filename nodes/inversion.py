@@ -39,7 +39,9 @@ class VideoInversion(io.ComfyNode):
                                      "schedule are added). The paper uses 1000, TokenFlow's code 500; more steps "
                                      "reconstruct better and cost proportionally more."),
                 io.Int.Input("batch_size", default=DEFAULT_BATCH, min=1, max=256,
-                             tooltip="Frames per model call (memory vs speed; results do not depend on it)."),
+                             tooltip="Frames per model call (memory vs speed; results do not depend on it). A "
+                                     "Tune-A-Video model inverts the whole clip in one call whatever this says: its "
+                                     "attention spans the frames of a call, as in the reference."),
                 io.Image.Input("frames", optional=True,
                                tooltip="The clip [N,H,W,3]; needs `vae`. Or connect `latent` instead."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes `frames` (posterior mean, as the reference)."),

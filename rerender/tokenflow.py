@@ -101,7 +101,7 @@ class TokenFlowAttention:
 
     phase: None (plain model), "source_key"/"edit_key" (key frame pass), "source_prop"/"edit_prop" (propagation).
     Stores: key frame tokens/outputs per (layer, branch) with branch "normed"/"source"/0 (cond)/1 (uncond); the
-    source's Q/K and res block output of the current pass; the NN fields of the current chunk."""
+    source's Q/K and res block residual branch of the current pass; the NN fields of the current chunk."""
 
     def __init__(self, residual_block: Optional[int], pnp_attention_layers: frozenset, previous_replace: Dict,
                  default_attention: HostAttention):
@@ -181,17 +181,23 @@ class TokenFlowAttention:
         return propagate([stored[position] for position in self.chunk_keys], self.fields[layer],
                             self.chunk_weights)
 
-    # forward_timestep_embed_patch on ResBlock: the source's res block output replaces the edit branches'
-    def res_block(self, layer, x, emb, context, transformer_options, output_shape, time_context, num_video_frames,
-                  image_only_indicator):
-        out = layer(x, emb)
-        if not self.inject_residual or transformer_options.get("block") != ("output", self.residual_block):
-            return out
+    # forward_timestep_embed_patch on the injected ResBlock (the engine passes the host's block as two thunks)
+    def res_block(self, block, forward: Callable[[], torch.Tensor], skip: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """PnP conv injection as the reference's register_conv_injection: the source pass keeps its residual
+        branch (block output minus its skip path); the edit branches add the source's branch to their OWN skip
+        path, so only the branch after the second convolution is replaced. `forward()` is the block's output,
+        `skip()` its skip path on the same input."""
+        if not self.inject_residual or block != ("output", self.residual_block):
+            return forward()
         if self.phase in ("source_key", "source_prop"):
-            self.source_residual = out
-        elif self.phase in ("edit_key", "edit_prop") and self.source_residual is not None:
-            out = self.source_residual.repeat(out.shape[0] // self.source_residual.shape[0], 1, 1, 1).to(out)
-        return out
+            out = forward()
+            self.source_residual = out - skip()
+            return out
+        if self.phase in ("edit_key", "edit_prop") and self.source_residual is not None:
+            shortcut = skip()
+            branch = self.source_residual.repeat(shortcut.shape[0] // self.source_residual.shape[0], 1, 1, 1)
+            return shortcut + branch.to(shortcut)
+        return forward()
 
 
 def _layer(extra_options) -> LayerKey:

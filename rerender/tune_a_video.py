@@ -9,9 +9,10 @@ One-shot tuning trains the query projections of the self- and cross-attention an
 Frames of a video are consecutive along the batch, one video per cond/uncond chunk, as the host batches them.
 """
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +61,20 @@ class TemporalAttention(torch.nn.Module):
     `attn_temp`). The output projection starts at zero, weight and bias, so an untuned module is the identity.
     Parameters stay in float32; they are cast to the activations' dtype and device at each call."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, generator: Optional[torch.Generator] = None):
+        """Q/K/V start as torch's Linear default, U(-1/sqrt(dim), 1/sqrt(dim)), drawn from `generator` (the
+        tuning seed's, so one seed gives one tuned model) and never from the global RNG."""
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.norm = torch.nn.LayerNorm(dim)
-        self.to_q = torch.nn.Linear(dim, inner, bias=False)
-        self.to_k = torch.nn.Linear(dim, inner, bias=False)
-        self.to_v = torch.nn.Linear(dim, inner, bias=False)
-        self.to_out = torch.nn.Linear(inner, dim)
+        self.to_q, self.to_k, self.to_v = (torch.nn.utils.skip_init(torch.nn.Linear, dim, inner, bias=False)
+                                           for _ in range(3))
+        bound = 1.0 / math.sqrt(dim)
+        with torch.no_grad():
+            for layer in (self.to_q, self.to_k, self.to_v):
+                layer.weight.uniform_(-bound, bound, generator=generator)
+        self.to_out = torch.nn.utils.skip_init(torch.nn.Linear, inner, dim)
         torch.nn.init.zeros_(self.to_out.weight)
         torch.nn.init.zeros_(self.to_out.bias)
         self.norm.requires_grad_(False)  # the reference trains attn_temp only, not norm_temp

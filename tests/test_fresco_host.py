@@ -300,3 +300,100 @@ def test_batches_never_reach_across_a_shot_cut(host):
     for shot, frames in ((slice(0, 3), shot_1), (slice(3, 6), shot_2)):
         alone = render(frames, keyframes(host, range(3), 3))
         assert torch.equal(both[shot], alone)
+
+
+class SmoothingLikeEdit:
+    """FRESCO's hooks as far as the x̂0 edit goes: δ added to the x̂0 of one step's own evaluation, taken by the
+    sampler as its prediction (FrescoPass's rule); the state of every evaluation recorded."""
+    x0_edit_rule = None  # set from FrescoPass
+
+    def __init__(self, step, delta):
+        self.step, self.delta, self.states, self.plan = step, delta, [], None
+
+    def start(self, plan):
+        self.plan = plan
+
+    def before(self, evaluation, state):
+        self.states.append((evaluation, state.clone()))
+        return None
+
+    def replay(self, evaluation):
+        return None
+
+    def after(self, evaluation, state, denoised):
+        if self.delta is not None and evaluation.starts_step and evaluation.step == self.step:
+            return denoised + self.delta
+        return denoised
+
+    def finish(self, sample):
+        pass
+
+
+def steered_states(host, model, latent, sampler_name, sigmas, step, delta):
+    import comfy.sample
+    steered = host.pack_module("engine.sampling")
+    hooks = SmoothingLikeEdit(step, delta)
+    hooks.x0_edit_rule = host.pack_module("engine.fresco").FrescoPass.x0_edit_rule
+    sampler = steered.steered_sampler(sampler_name, hooks, sigmas, 0)
+    with torch.inference_mode():
+        comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, SEED), 4.0, sampler, sigmas.clone(),
+                                   conditioning(0), conditioning(1), latent, disable_pbar=True, seed=SEED)
+    return hooks.states
+
+
+# One sampler of each kind the steering must carry an x̂0 edit through: single-step (deterministic, ancestral,
+# DDPM, LCM), multi-evaluation (Heun, DPM-2, 2S, SDE), multistep history (2M, iPNDM, DEIS, UniPC, res), SDE noise,
+# and the CFG++ ones that read the uncond half.
+FAMILIES = ("euler", "euler_ancestral", "ddpm", "lcm", "heun", "dpm_2", "dpmpp_2s_ancestral", "dpmpp_sde",
+            "dpmpp_2m", "ipndm", "deis", "uni_pc", "res_multistep", "dpmpp_2m_sde", "euler_cfg_pp",
+            "res_multistep_cfg_pp", "gradient_estimation_cfg_pp")
+
+
+def test_an_x0_edit_moves_the_state_as_the_samplers_own_prediction(host):
+    """Background smoothing as the reference's pipe_FRESCO.step takes it: the edited x̂0 is the sampler's
+    prediction. Per step, ddpm moves the next state by its posterior mean's x̂0 coefficient β_t/(1-ᾱ_t) =
+    1 - σ_{i+1}²/σ_i² (not by δ, the DDIM rule: 1.8-2.3x more at steps 16-17 of 20), the host's ddim by
+    1 - σ_{i+1}/σ_i; and for every sampler the states the model sees are those of a plain run whose model itself
+    returns the edited x̂0 (multistep history included), one sampler of each kind."""
+    import comfy.sample
+    import comfy.samplers
+    steered = host.pack_module("engine.sampling")
+    model = tiny_sd15(0)
+    latent = tiny_sd_vae(0).encode(clip(1)[:, :32, :32])
+    delta = 0.3 * torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    coefficients = {"ddpm": lambda now, following: 1 - following ** 2 / now ** 2,
+                    "ddim": lambda now, following: 1 - following / now}
+    for sampler_name, coefficient in coefficients.items():
+        sigmas = comfy.samplers.KSampler(model, steps=20, device="cpu", sampler=sampler_name,
+                                         scheduler="ddim_uniform", denoise=1.0).sigmas
+        plain = steered_states(host, model, latent, sampler_name, sigmas, None, None)
+        for step in (16, 17):  # the reference's smoothing steps
+            edited = steered_states(host, model, latent, sampler_name, sigmas, step, delta)
+            following = next(i for i, (e, _) in enumerate(plain) if e.starts_step and e.step == step + 1)
+            moved = edited[following][1] - plain[following][1]
+            expected = coefficient(float(sigmas[step]), float(sigmas[step + 1]))
+            assert 0.2 < expected < 0.6  # ddpm 0.43 and 0.57, ddim 0.25 and 0.34; the DDIM rule: 1
+            torch.testing.assert_close(moved, expected * delta, rtol=1e-4, atol=1e-5)
+
+    failures = []
+    for sampler_name in [name for name in FAMILIES if name in steered.supported_samplers()]:
+        sigmas = comfy.samplers.KSampler(model, steps=3, device="cpu", sampler=sampler_name, scheduler="karras",
+                                         denoise=1.0).sigmas
+        ours = steered_states(host, model, latent, sampler_name, sigmas, 0, delta)
+        edit_at = next(e.key.index for e, _ in ours if e.starts_step and e.step == 0)
+        seen = []
+
+        def predicts_the_edit(args):
+            seen.append(args["input"].clone())
+            return args["denoised"] + delta.to(args["denoised"]) if len(seen) - 1 == edit_at else args["denoised"]
+
+        reference_model = model.clone()
+        reference_model.set_model_sampler_post_cfg_function(predicts_the_edit)
+        with torch.inference_mode():
+            comfy.sample.sample_custom(reference_model, comfy.sample.prepare_noise(latent, SEED), 4.0,
+                                       comfy.samplers.sampler_object(sampler_name), sigmas.clone(), conditioning(0),
+                                       conditioning(1), latent, disable_pbar=True, seed=SEED)
+        worst = max(float((a - b).norm() / b.norm()) for (_, a), b in zip(ours, seen))
+        if len(seen) != len(ours) or worst > 1e-4:
+            failures.append(f"{sampler_name}: {len(ours)}/{len(seen)} evaluations, relative error {worst:.3g}")
+    assert failures == []

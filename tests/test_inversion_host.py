@@ -103,6 +103,26 @@ def test_batches_do_not_change_the_result_and_each_frame_gets_its_own_hint(host)
     assert torch.allclose(swapped.states[0, 1].float(), single.states[0, 1].float(), atol=1e-3)  # same hint
 
 
+def test_a_tune_a_video_model_is_inverted_as_one_clip(host):
+    """Sparse-causal attention spans the frames of a call, so a tuned model's clip is inverted (and reconstructed)
+    in one call whatever batch_size says, as the reference inverts the whole video."""
+    tav, lib = host.pack_module("engine.tune_a_video"), host.pack_module("rerender.tune_a_video")
+    base = tiny_sd15(0)
+    generator = torch.Generator().manual_seed(0)
+    temporal = {path: tav.new_temporal_attention(block, generator)
+                for path, block in tav.transformer_blocks(base).items()}
+    tuned = tav.apply_tuned(base, lib.TunedParameters({}, temporal, tav.fingerprint(base)))
+    latents = clip_latents(3)
+    args = dict(SCHEDULE, steps=2, inversion_steps=3, conditioning=conditioning(5), latent={"samples": latents})
+    whole, whole_reconstruction = host.run_node(NODE, model=tuned, batch_size=3, **args)
+    split, split_reconstruction = host.run_node(NODE, model=tuned, batch_size=1, **args)
+    assert torch.equal(split.states, whole.states)
+    assert torch.equal(split_reconstruction["samples"], whole_reconstruction["samples"])
+    per_frame, _ = host.run_node(NODE, model=base, batch_size=1, **args)  # what pieces of one frame would give
+    assert torch.equal(whole.states[:, 0], per_frame.states[:, 0])
+    assert not torch.allclose(whole.states[:, 1:].float(), per_frame.states[:, 1:].float(), atol=1e-3)
+
+
 def test_bad_input_is_refused_before_work(host):
     model, latents = lively(), clip_latents(2)
     args = dict(SCHEDULE, steps=2, inversion_steps=3, batch_size=8)

@@ -147,3 +147,41 @@ def test_an_x0_edit_moves_the_next_state_by_exactly_the_edit(host):
         ratios[sampler_name] = round(float((moved * delta).sum() / (delta * delta).sum()), 4)
         assert (moved - delta).abs().max() < 1e-3 * delta.abs().max(), sampler_name
     assert all(abs(r - 1.0) <= 0.01 for r in ratios.values()), ratios
+
+
+def test_the_blend_takes_the_previous_steps_edited_x0_with_multi_evaluation_samplers(host):
+    """Heun evaluates each step twice (at σ_i, then its correction at σ_{i+1}); the blend entering step i+1 uses
+    step i's edited x̂0 (the reference's rule), not the correction's unedited prediction."""
+    plans = host.pack_module("rerender.evaluation_plan")
+    rendering = host.pack_module("engine.rerender_a_video")
+    frames = frames_of(1, 2)
+    keyframe_renderer = renderer(host, tiny_sd15(0), frames, zero_flow(host, frames), sampler_name="heun",
+                                 steps=4, adain_period=(0.0, 1.0), pixel_period=(0.3, 1.0))
+    schedule = [float(s) for s in keyframe_renderer.schedule.full]
+    seen = [sigma for i in range(len(schedule) - 1)
+            for sigma in ((schedule[i], schedule[i + 1]) if schedule[i + 1] > 0 else (schedule[i],))]
+    plan = plans.EvaluationPlan.from_sigmas(schedule, 0, seen, [1.0] * len(seen), 1.0)
+    g = torch.Generator().manual_seed(0)
+    anchor_x0 = {e.key.index: (e.key.sigma, torch.randn(1, 4, 4, 4, generator=g)) for e in plan.evaluations}
+    blended_with = {}
+
+    def blend(state, sigma, last_x0):
+        blended_with[float(sigma)] = last_x0
+        return state
+
+    info = rendering.StepInfo(1, 1, "final", 0, None, 0, 0)
+    hooks = rendering.KeyframePass(keyframe_renderer, info, anchor_x0, blend=blend)
+    hooks.start(plan)
+    edited_x0 = {}
+    for evaluation in plan.evaluations:
+        state = torch.randn(1, 4, 4, 4, generator=g)
+        hooks.before(evaluation, state)
+        denoised = torch.randn(1, 4, 4, 4, generator=g)
+        edited = hooks.after(evaluation, state, denoised)
+        if evaluation.starts_step:
+            assert not torch.equal(edited, denoised)  # AdaIN acts at every step
+            edited_x0[evaluation.step] = edited
+    assert len(blended_with) >= 2
+    for sigma, x0 in blended_with.items():
+        step = schedule.index(sigma)
+        assert torch.equal(x0, edited_x0[step - 1]), step

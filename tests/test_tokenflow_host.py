@@ -109,3 +109,35 @@ def test_injection_layers_are_derived_from_the_decoder_layout(host):
     residual, attention = pnp_layers(tiny_sdxl(0))
     assert residual == 1
     assert attention == {("output", n, i) for n in (1, 2) for i in (0, 1)} | {("output", n, 0) for n in (3, 4, 5)}
+
+
+def test_residual_injection_replaces_only_the_residual_branch(host):
+    """The reference's register_conv_injection: the edit branches take the source's residual branch (after the
+    block's second convolution) and keep their own skip path (here a real 1x1 projection, not the identity)."""
+    from comfy.ldm.modules.attention import optimized_attention
+    engine = host.pack_module("engine.tokenflow")
+    model = tiny_sd15(0)
+    residual, attention = engine.pnp_layers(model)
+    controller = host.pack_module("rerender.tokenflow").TokenFlowAttention(residual, attention, {},
+                                                                            optimized_attention)
+    patched = engine.patched_model(model, controller, [])
+    ((_, patch),) = patched.model_options["transformer_options"]["patches"]["forward_timestep_embed_patch"]
+    block = model.get_model_object("diffusion_model").output_blocks[residual][0]
+    assert not isinstance(block.skip_connection, torch.nn.Identity)
+    g = torch.Generator().manual_seed(0)
+    x_source, x_edit = torch.randn(1, block.channels, 4, 4, generator=g), torch.randn(2, block.channels, 4, 4,
+                                                                                      generator=g)
+    emb_source, emb_edit = torch.randn(1, block.emb_channels, generator=g), torch.randn(2, block.emb_channels,
+                                                                                       generator=g)
+    options = {"block": ("output", residual)}
+    controller.inject_residual = True
+    with torch.inference_mode():
+        controller.phase = "source_key"
+        source_out = patch(block, x_source, emb_source, None, options, None, None, None, None)
+        controller.phase = "edit_key"
+        edit_out = patch(block, x_edit, emb_edit, None, options, None, None, None, None)
+        branch = block(x_source, emb_source) - block.skip_connection(x_source)
+        expected = block.skip_connection(x_edit) + branch.expand(2, -1, -1, -1)
+    assert torch.allclose(source_out, block(x_source, emb_source), atol=1e-6)
+    assert torch.allclose(edit_out, expected, atol=1e-5)
+    assert not torch.allclose(edit_out, source_out.expand(2, -1, -1, -1), atol=1e-2)

@@ -111,7 +111,8 @@ def test_untuned_inflation_is_the_image_model_for_frame_0(host, clip):
     lib = host.pack_module("rerender.tune_a_video")
     base = tiny_sd15(0)
     blocks = nodes.transformer_blocks(base)
-    untuned = lib.TunedParameters({}, {p: nodes.new_temporal_attention(b) for p, b in blocks.items()},
+    untuned = lib.TunedParameters({}, {p: nodes.new_temporal_attention(b, torch.Generator().manual_seed(0))
+                                      for p, b in blocks.items()},
                                   nodes.fingerprint(base))
     inflated = nodes.apply_tuned(base, untuned)
     video = unet_call(inflated, clip["samples"])
@@ -130,6 +131,24 @@ def test_saved_parameters_reload_to_identical_outputs(host, tuned, clip):
     other = tiny_sd15(1)
     with pytest.raises(ValueError, match="another base model"):
         host.run_node("Rerender_TuneAVideoLoad", model=other, tuned_name=name)
+
+
+def test_one_seed_gives_one_tuned_model(host, clip):
+    """Two tuning runs with one seed save files of identical content whatever the global RNG holds (the temporal
+    attention's initial weights come from the seed, as the reference's set_seed makes them). Content, not bytes:
+    safetensors writes its metadata map in a per-process random order."""
+    import folder_paths
+    from safetensors import safe_open
+    files = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        params = tune(host, tiny_sd15(0), clip, steps=2)[1]
+        name = host.run_node("Rerender_TuneAVideoSave", tuned=params, filename_prefix=f"test/seeded_{global_seed}")[0]
+        with safe_open(folder_paths.get_full_path_or_raise("tune_a_video", name), "pt") as file:
+            files.append((file.metadata(), {key: file.get_tensor(key) for key in file.keys()}))
+    (metadata, tensors), (metadata_again, tensors_again) = files
+    assert metadata == metadata_again and tensors.keys() == tensors_again.keys()
+    assert all(torch.equal(tensors[key], tensors_again[key]) for key in tensors)
 
 
 def test_sampling_8_frames_in_the_host_ksampler(host, tuned):

@@ -1,21 +1,24 @@
 """FRESCO-aware feature optimisation (reference §4.6), free of the host.
 
 The decoder up-block input features of a batch are optimised for a few Adam steps against two losses, then
-re-normalised to their original per-sample, per-channel mean and std:
+re-normalised to their original per-sample, per-channel mean and std. Two forms of the losses (`LOSS_FORMS`):
 
-* spatial (intra-frame) loss, the PAPER's form (Eq. 6): lambda_spat * mean over frames and entries of
-  (F F^T - R R^T)^2, F / R the L2-normalised token vectors [HW, C] of the feature / of the intra-frame reference
-  (Gram = cosine similarities between tokens), lambda_spat = 50;
-* temporal (inter-frame) loss, the PAPER's form (Eq. 5): mean over the adjacent pairs k -> k+1 of a batch of
-  |(f_{k+1} - warp(f_k)) * (1 - occlusion)|, one direction, no wrap pair, weight 1.
+* "code" (the default; FRESCO's src/diffusion_hacked.py `optimize_feature`, which made the official results):
+  spatial = 100 * mean |F F^T - R R^T| (F.l1_loss, `intra_weight=1e2`), F / R the L2-normalised token vectors
+  [HW, C] of the feature / of the intra-frame reference (Gram = cosine similarities between tokens); temporal =
+  2 * mean over the CYCLIC pairs k -> k+1 (wrap pair N-1 -> 0 included) of |f_{k+1} - warp(f_k, bwd)| (1 - occ_bwd)
+  + |f_k - warp(f_{k+1}, fwd)| (1 - occ_fwd); Adam at lr 0.2 (`LEARNING_RATE`), the LAST iterate returned.
+* "paper" (Eq. 5 / 6): spatial = 50 * mean (F F^T - R R^T)^2; temporal = mean over the adjacent pairs of
+  |(f_{k+1} - warp(f_k)) (1 - occ)|, one direction, no wrap pair; the paper's lr is 0.4. The iterate with the
+  lowest objective is returned (the pack's guard: at a fixed rate Adam oscillates on the L1 flow loss once the
+  residuals are smaller than the rate). Its squared-L2 Gram loss can be computed from C x C matrices,
+  ||F F^T - R R^T||^2 = ||F^T F||^2 - 2 ||F^T R||^2 + ||R^T R||^2, which bounds the memory at the 64x64 layer
+  (HW = 4096 > C = 640) where the HW x HW Gram matrices cost about a gigabyte per batch of 8; the L1 form of the
+  code cannot be rewritten that way and always keeps the HW x HW matrices, as the reference does.
 
-Why the paper's forms and not the code's (L1 Gram x100; both directions, cyclic, x2; §4.8): the squared-L2 Gram
-loss is the one whose value and gradient can be computed from C x C matrices, ||F F^T - R R^T||^2 =
-||F^T F||^2 - 2 ||F^T R||^2 + ||R^T R||^2, which bounds the memory at the 64x64 layer (HW = 4096 > C = 640) where the
-HW x HW form costs about a gigabyte per batch; the L1 form cannot be rewritten that way. Each loss is switched by
-giving or withholding its input: the spatial (Gram) loss runs iff a `GramReference` is given, the temporal (flow)
-loss iff flows are given (the reference's comments and UI swap the two names). Means, not sums, so that the
-weights do not depend on the layer size (the paper leaves the reduction open).
+Each loss is switched by giving or withholding its input: the spatial (Gram) loss runs iff a `GramReference` is
+given, the temporal (flow) loss iff flows are given (the reference's comments and UI swap the two names). Means over
+frames, tokens and channels, as the reference's reductions.
 
 The host runs nodes under torch.inference_mode; everything here re-enables autograd locally and clones what comes
 in, so only the feature tensor is optimised and no model weight is touched.
@@ -29,12 +32,25 @@ import torch.nn.functional as F
 from .geometry import CyclicFlows
 from ..warp import flow_warp
 
-SPATIAL_WEIGHT = 50.0   # paper lambda_spat
-TEMPORAL_WEIGHT = 1.0   # paper: no weight on the temporal term
-ITERATIONS = 20         # paper K = 20 (code: 20)
-LEARNING_RATE = 0.4     # paper (code: 0.2)
+
+@dataclass(frozen=True)
+class LossForm:
+    """How the two losses are written and which iterate is returned (see the module doc)."""
+    gram_distance: str              # "l1" or "squared"
+    spatial_weight: float
+    temporal_both_directions: bool  # cyclic pairs, both directions (code) / adjacent pairs, forward (paper)
+    temporal_weight: float
+    keep_best: bool                 # the lowest-objective iterate (else the last one)
+
+
+LOSS_FORMS = {"code": LossForm("l1", 100.0, True, 2.0, keep_best=False),
+              "paper": LossForm("squared", 50.0, False, 1.0, keep_best=True)}
+DEFAULT_FORM = "code"
+ITERATIONS = 20         # code: 20 closure steps (paper K = 20)
+LEARNING_RATE = 0.2     # code (paper: 0.4)
 FLOAT_BYTES = 4
 GRAM_FORMS = ("auto", "tokens", "channels")
+GRAM_DISTANCES = ("l1", "squared")
 
 
 def normalized_tokens(features: torch.Tensor) -> torch.Tensor:
@@ -51,23 +67,31 @@ def gram_form_bytes(channels: int, tokens: int, samples: int) -> dict:
                          "working": 4 * samples * channels * channels * FLOAT_BYTES}}
 
 
-def choose_gram_form(channels: int, tokens: int, samples: int) -> str:
-    """The form with the smaller reference + working memory for this layer."""
+def choose_gram_form(channels: int, tokens: int, samples: int, distance: str = "squared") -> str:
+    """The form with the smaller reference + working memory for this layer ("tokens" for the L1 distance, the
+    only form it has)."""
+    if distance == "l1":
+        return "tokens"
     costs = {form: sum(sizes.values()) for form, sizes in gram_form_bytes(channels, tokens, samples).items()}
     return min(costs, key=costs.get)
 
 
 class GramReference:
     """The intra-frame reference of one layer for the spatial loss, in the memory form chosen for it: "tokens"
-    keeps the HW x HW Gram matrices R R^T; "channels" keeps R and ||R^T R||^2 and evaluates the loss through
-    C x C products. Both give the same loss (up to float rounding)."""
+    keeps the HW x HW Gram matrices R R^T; "channels" (squared distance only) keeps R and ||R^T R||^2 and evaluates
+    the loss through C x C products. Both give the same loss (up to float rounding)."""
 
-    def __init__(self, features: torch.Tensor, form: str = "auto"):
+    def __init__(self, features: torch.Tensor, form: str = "auto",
+                 distance: str = LOSS_FORMS[DEFAULT_FORM].gram_distance):
         if form not in GRAM_FORMS:
             raise ValueError(f"Gram form must be one of {GRAM_FORMS}, got {form!r}")
+        if distance not in GRAM_DISTANCES:
+            raise ValueError(f"Gram distance must be one of {GRAM_DISTANCES}, got {distance!r}")
+        if distance == "l1" and form == "channels":
+            raise ValueError("the L1 Gram distance has no C x C form; use form 'tokens' or 'auto'")
         samples, channels, h, w = features.shape
-        self.shape = (channels, h, w)
-        self.form = choose_gram_form(channels, h * w, samples) if form == "auto" else form
+        self.shape, self.distance = (channels, h, w), distance
+        self.form = choose_gram_form(channels, h * w, samples, distance) if form == "auto" else form
         with torch.inference_mode(False):
             tokens = normalized_tokens(features.detach().clone())
             if self.form == "tokens":
@@ -79,14 +103,15 @@ class GramReference:
                 self.constant = (tokens.transpose(1, 2) @ tokens).pow(2).sum(dim=(1, 2))
 
     def loss(self, features: torch.Tensor) -> torch.Tensor:
-        """Mean over samples and Gram entries of (F F^T - R R^T)^2."""
+        """Mean over samples and Gram entries of |F F^T - R R^T| (l1) or (F F^T - R R^T)^2 (squared)."""
         if tuple(features.shape[1:]) != self.shape:
             raise ValueError(f"spatial loss: a feature of {tuple(features.shape[1:])} against a reference of "
                              f"{self.shape}")
         tokens = normalized_tokens(features)
         count = tokens.shape[1] ** 2
         if self.form == "tokens":
-            return (tokens @ tokens.transpose(1, 2) - self.gram).pow(2).mean()
+            difference = tokens @ tokens.transpose(1, 2) - self.gram
+            return difference.abs().mean() if self.distance == "l1" else difference.pow(2).mean()
         own = (tokens.transpose(1, 2) @ tokens).pow(2).sum(dim=(1, 2))
         cross = (tokens.transpose(1, 2) @ self.tokens).pow(2).sum(dim=(1, 2))
         return ((own - 2 * cross + self.constant) / count).mean()
@@ -107,17 +132,26 @@ class BranchGramReference:
         return torch.stack([r.loss(c) for r, c in zip(self.references, chunks)]).mean()
 
 
-def temporal_loss(features: torch.Tensor, flows: CyclicFlows) -> torch.Tensor:
-    """Mean over chunks and adjacent pairs k -> k+1 of |(f_{k+1} - warp(f_k, backward[k])) (1 - occ)|, with the
-    flows on the feature grid (`CyclicFlows.resized`). `features` [chunks*N, C, h, w]."""
+def temporal_loss(features: torch.Tensor, flows: CyclicFlows, both_directions: bool = False) -> torch.Tensor:
+    """Mean over chunks and pairs of the flow-warp residual, with the flows on the feature grid
+    (`CyclicFlows.resized`); `features` [chunks*N, C, h, w]. One direction (paper): the adjacent pairs k -> k+1 of
+    |(f_{k+1} - warp(f_k, backward[k])) (1 - occ)|. Both directions (code): every cyclic pair, wrap pair N-1 -> 0
+    included, of |f_{k+1} - warp(f_k, backward[k])| (1 - occ_bwd) + |f_k - warp(f_{k+1}, forward[k])| (1 - occ_fwd)."""
     n = flows.frames
     x = features.float().reshape(-1, n, *features.shape[1:])
     chunks = x.shape[0]
-    flow = flows.backward[:-1].repeat(chunks, 1, 1, 1)
-    visible = 1.0 - flows.backward_occlusion[:-1].repeat(chunks, 1, 1, 1)
-    earlier = x[:, :-1].reshape(-1, *x.shape[2:])
-    later = x[:, 1:].reshape(-1, *x.shape[2:])
-    return ((later - flow_warp(earlier, flow)) * visible).abs().mean()
+    pairs = n if both_directions else n - 1
+    earlier = x[:, :pairs].reshape(-1, *x.shape[2:])
+    later = x.roll(-1, dims=1)[:, :pairs].reshape(-1, *x.shape[2:])
+
+    def residual(target, source, flow, occlusion):
+        return ((target - flow_warp(source, flow[:pairs].repeat(chunks, 1, 1, 1)))
+                * (1.0 - occlusion[:pairs].repeat(chunks, 1, 1, 1))).abs()
+
+    forward_residual = residual(later, earlier, flows.backward, flows.backward_occlusion)
+    if not both_directions:
+        return forward_residual.mean()
+    return (forward_residual + residual(earlier, later, flows.forward, flows.forward_occlusion)).mean()
 
 
 def channel_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +176,9 @@ class OptimizationReport:
     temporal_after: Optional[float]
 
 
-def _losses(x, gram_reference, flows, spatial_weight, temporal_weight):
-    spatial = None if gram_reference is None else spatial_weight * gram_reference.loss(x)
-    temporal = None if flows is None else temporal_weight * temporal_loss(x, flows)
+def _losses(x, gram_reference, flows, form: LossForm):
+    spatial = None if gram_reference is None else form.spatial_weight * gram_reference.loss(x)
+    temporal = None if flows is None else form.temporal_weight * temporal_loss(x, flows, form.temporal_both_directions)
     return spatial, temporal
 
 
@@ -160,41 +194,43 @@ def _keep_better(x, loss, best, best_loss):
 
 def optimize_feature(feature: torch.Tensor, gram_reference=None,
                      flows: Optional[CyclicFlows] = None, iterations: int = ITERATIONS,
-                     lr: float = LEARNING_RATE, spatial_weight: float = SPATIAL_WEIGHT,
-                     temporal_weight: float = TEMPORAL_WEIGHT) -> Tuple[torch.Tensor, OptimizationReport]:
+                     lr: float = LEARNING_RATE, form: str = DEFAULT_FORM) -> Tuple[torch.Tensor, OptimizationReport]:
     """Optimise one layer's feature [chunks*N, C, h, w] with Adam for `iterations` steps against the spatial loss
-    (iff `gram_reference`: a `GramReference` or `BranchGramReference`) and the temporal loss (iff `flows`, any
-    resolution: resized here), then restore its original per-channel statistics.
-
-    With a fixed rate Adam moves each entry by about the rate per step, also near the optimum, and oscillates on
-    the L1 flow loss when the residuals are smaller than the rate; so the iterate with the lowest objective is
-    kept, the input among them: the objective never goes up. Returns the new feature (same
-    dtype and device; a normal tensor even when called under inference mode) and the weighted losses of the input
-    and of the returned feature. Works inside torch.inference_mode."""
+    (iff `gram_reference`: a `GramReference` or `BranchGramReference`, made with this form's Gram distance) and
+    the temporal loss (iff `flows`, any resolution: resized here), in the loss `form` ("code" / "paper", see the
+    module doc), then restore its original per-channel statistics. Returns the new feature (same dtype and
+    device; a normal tensor even when called under inference mode) and the weighted losses of the input and of
+    the returned feature. Works inside torch.inference_mode."""
     if iterations < 0:
         raise ValueError(f"feature optimisation iterations must be >= 0, got {iterations}")
     if lr <= 0:
         raise ValueError(f"feature optimisation learning rate must be positive, got {lr}")
+    if form not in LOSS_FORMS:
+        raise ValueError(f"feature optimisation loss form must be one of {tuple(LOSS_FORMS)}, got {form!r}")
     if (gram_reference is None and flows is None) or iterations == 0:
         return feature.detach().clone(), OptimizationReport(None, None, None, None)
+    loss_form = LOSS_FORMS[form]
     with torch.inference_mode(False), torch.enable_grad():
         original = feature.detach().clone().float()
         if flows is not None:
             flows = _normal_tensors(flows.resized(tuple(feature.shape[-2:])))
         x = original.clone().requires_grad_(True)
-        before = _losses(x.detach(), gram_reference, flows, spatial_weight, temporal_weight)
+        before = _losses(x.detach(), gram_reference, flows, loss_form)
         optimizer = torch.optim.Adam([x], lr=lr)
         best, best_loss = original, _objective(before)
         for _ in range(iterations):
             optimizer.zero_grad(set_to_none=True)
-            loss = _objective(_losses(x, gram_reference, flows, spatial_weight, temporal_weight))
-            best, best_loss = _keep_better(x, loss, best, best_loss)
+            loss = _objective(_losses(x, gram_reference, flows, loss_form))
+            if loss_form.keep_best:
+                best, best_loss = _keep_better(x, loss, best, best_loss)
             loss.backward()
             optimizer.step()
-        final = _objective(_losses(x.detach(), gram_reference, flows, spatial_weight, temporal_weight))
-        best, _ = _keep_better(x, final, best, best_loss)
-        optimized = restore_statistics(best, original)
-        after = _losses(optimized, gram_reference, flows, spatial_weight, temporal_weight)
+        result = x.detach()
+        if loss_form.keep_best:
+            final = _objective(_losses(result, gram_reference, flows, loss_form))
+            result, _ = _keep_better(result, final, best, best_loss)
+        optimized = restore_statistics(result, original)
+        after = _losses(optimized, gram_reference, flows, loss_form)
     report = OptimizationReport(*(None if value is None else float(value)
                                   for value in (before[0], after[0], before[1], after[1])))
     return optimized.to(feature.dtype), report
@@ -215,9 +251,10 @@ class LayerMemory:
 
 
 def feature_optimization_memory(layer_shapes: Sequence[Tuple[int, int, int]], frames: int, chunks: int = 2,
-                                form: str = "auto") -> List[LayerMemory]:
+                                form: str = "auto",
+                                distance: str = LOSS_FORMS[DEFAULT_FORM].gram_distance) -> List[LayerMemory]:
     """Estimated memory of feature optimisation per layer (C, h, w) for a batch of `frames` and `chunks` CFG
-    chunks: the Gram reference kept for the batch, and the working set of one iteration (the spatial loss's
+    chunks with the Gram `distance` of the loss form: the Gram reference kept for the batch, and the working set of one iteration (the spatial loss's
     products plus the feature, its gradient, Adam's two moments, the normalised copy and the warps: about 8
     feature-sized float32 tensors). Layers are optimised one at a time, so the peak is the largest working set."""
     if form not in GRAM_FORMS:
@@ -226,7 +263,7 @@ def feature_optimization_memory(layer_shapes: Sequence[Tuple[int, int, int]], fr
     report = []
     for channels, h, w in layer_shapes:
         tokens = h * w
-        chosen = choose_gram_form(channels, tokens, samples) if form == "auto" else form
+        chosen = choose_gram_form(channels, tokens, samples, distance) if form == "auto" else form
         sizes = gram_form_bytes(channels, tokens, samples)[chosen]
         feature_bytes = samples * channels * tokens * FLOAT_BYTES
         report.append(LayerMemory((channels, h, w), chosen, sizes["reference"], sizes["working"] + 8 * feature_bytes))
