@@ -100,7 +100,7 @@ def test_searching_the_rescaled_key_beats_the_key_alone_on_a_zoom():
     styles = frames.flip(-1) ** 1.5  # the "rendering": per pixel, so the truth of every frame is known
     keys = [0, count - 1]
     flows = ZoomFlow(count, HEIGHT, WIDTH, growth)
-    fast = dict(search_vote_iters=4, patchmatch_iters=3)
+    fast = dict(search_vote_iters=4, patchmatch_iters=3, coverage_weights=False)  # the search alone
     plain = propagate.propagate_video(frames, keys, styles[keys], flows,
                                       propagate.PropagationSettings(scale_search=False, **fast))
     scaled = propagate.propagate_video(frames, keys, styles[keys], flows, propagate.PropagationSettings(**fast))
