@@ -68,7 +68,7 @@ class PropagationSettings:
     seed: int = 0
     scale_search: bool = True
     min_scale_change: float = 0.06
-    coverage_weights: bool = True
+    coverage_weights: bool = False  # not yet measured on the bench (issue 25): off keeps the blend as it was
 
     def __post_init__(self):
         if self.hole_fill not in HOLE_FILLS:

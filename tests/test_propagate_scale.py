@@ -123,7 +123,7 @@ def test_uniform_share_scales_the_uniformity_term():
 
 
 def test_blend_trusts_the_pass_whose_guides_were_carried_not_filled():
-    settings = propagate.PropagationSettings()
+    settings = propagate.PropagationSettings(coverage_weights=True)
     error = torch.ones(HEIGHT, WIDTH)
     coverage_b = torch.ones(HEIGHT, WIDTH)
     coverage_b[:, :20] = 0.0  # the backward pass's left part came from outside its key: guides filled
@@ -134,6 +134,5 @@ def test_blend_trusts_the_pass_whose_guides_were_carried_not_filled():
     torch.testing.assert_close(weights[:, 20:], torch.full((HEIGHT, WIDTH - 20), 0.7))
     _, selection = propagate.blend_frame(forward, backward, 0.7, None, None, settings)
     assert not bool(selection[:, :20].any()) and bool(selection[:, 20:].all())
-    _, selection = propagate.blend_frame(forward, backward, 0.7, None, None,
-                                         propagate.PropagationSettings(coverage_weights=False))
-    assert bool(selection.all())
+    _, selection = propagate.blend_frame(forward, backward, 0.7, None, None, propagate.PropagationSettings())
+    assert bool(selection.all())  # off by default: the blend as before
