@@ -13,7 +13,10 @@ each output (mean |out_t - warp(out_t-1)| on 0..255 over non-occluded pixels; th
 floor), and seconds per output frame.
 
 Cases: a clip name, or NAME:S for every S-th frame of it (fast motion: `man:3` and `car:3` triple the motion per
-frame). `--busy N` keeps N CPU-bound processes running beside the measurement (a user's machine is rarely idle);
+frame), or NAME:zoomZ where frame t is the centred crop of frame t scaled up by (1 + Z/100)^t and resized back (the
+subject comes toward the camera, on top of the clip's own motion: `man:zoom3` grows 3% per frame), or both
+(`man:5:zoom3`: every fifth frame, then the zoom over the frames that remain). The ground truth is the stylisation of
+the transformed frames. `--busy N` keeps N CPU-bound processes running beside the measurement (a user's machine is rarely idle);
 they are bounded in time and stopped by the bench itself.
 Example (quick): python bench/propagator_bench.py --frames 11 --clips man car man:3 car:3
 """
@@ -58,10 +61,39 @@ def read_clip(path: Path, count: int, stride: int = 1) -> np.ndarray:
 
 
 def parse_case(case: str) -> tuple:
-    name, _, stride = case.partition(":")
-    if name not in CLIPS or (stride and (not stride.isdigit() or int(stride) < 1)):
-        raise argparse.ArgumentTypeError(f"{case!r}: use one of {sorted(CLIPS)}, optionally with :STRIDE")
-    return name, int(stride or 1)
+    """NAME[:STRIDE][:zoomZ] -> (name, stride, zoom percent per frame)."""
+    name, *parts = case.split(":")
+    stride, zoom = 1, 0.0
+    try:
+        if parts and parts[-1].startswith("zoom"):
+            zoom = float(parts.pop()[4:])
+        if parts:
+            stride = int(parts.pop(0))
+        valid = name in CLIPS and not parts and stride >= 1 and 0.0 <= zoom < 100.0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{case!r}: use one of {sorted(CLIPS)}, optionally with :STRIDE and/or "
+                                         f":zoomZ (Z percent per frame)")
+    return name, stride, zoom
+
+
+def case_name(name: str, stride: int, zoom: float) -> str:
+    return name + (f":{stride}" if stride != 1 else "") + (f":zoom{zoom:g}" if zoom else "")
+
+
+def zoom_clip(bgr: np.ndarray, percent: float) -> np.ndarray:
+    """Frame t replaced by its centred crop scaled up by (1 + percent/100)^t, resized back to the frame size."""
+    if not percent:
+        return bgr
+    h, w = bgr.shape[1:3]
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    out = np.empty_like(bgr)
+    for t, frame in enumerate(bgr):
+        s = (1.0 + percent / 100.0) ** t
+        matrix = np.array([[s, 0.0, (1.0 - s) * cx], [0.0, s, (1.0 - s) * cy]])
+        out[t] = cv2.warpAffine(frame, matrix, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+    return out
 
 
 BUSY_LOOP = """
@@ -219,9 +251,9 @@ def report(name, video, truth, keys, flows, seconds_per_frame, per_frame=True):
 
 
 def run_clip(case: tuple, args) -> None:
-    name, stride = case
-    bgr = read_clip(VIDEOS / CLIPS[name], args.frames, stride)
-    name = name if stride == 1 else f"{name}:{stride}"
+    name, stride, zoom = case
+    bgr = zoom_clip(read_clip(VIDEOS / CLIPS[name], args.frames, stride), zoom)
+    name = case_name(name, stride, zoom)
     frames = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)
     truth = torch.from_numpy(np.stack([stylise(f) for f in bgr]))
     keys = list(range(0, frames.shape[0], args.interval))
@@ -263,8 +295,9 @@ def run_clip(case: tuple, args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", nargs="+", type=parse_case, default=[(c, 1) for c in CLIPS],
-                        help="cases: clip names, NAME:S for every S-th frame (fast motion)")
+    parser.add_argument("--clips", nargs="+", type=parse_case, default=[(c, 1, 0.0) for c in CLIPS],
+                        help="cases: clip names, NAME:S for every S-th frame (fast motion), NAME:zoomZ (growing by "
+                             "Z%% per frame), NAME:S:zoomZ")
     parser.add_argument("--frames", type=int, default=0, help="first N frames of each clip (0 = all)")
     parser.add_argument("--interval", type=int, default=10, help="key frame spacing K")
     parser.add_argument("--dis-preset", default="medium", choices=["ultrafast", "fast", "medium"])
@@ -278,6 +311,8 @@ def main():
     parser.add_argument("--no-ours", action="store_true", help="only the anchors (warp, EbSynth)")
     parser.add_argument("--telea", action="store_true", help="also run ours with the reference's TELEA hole fill")
     parser.add_argument("--poisson", action="store_true", help="also run ours with the Poisson fusion on")
+    parser.add_argument("--previous", action="store_true",
+                        help="also run ours as before issue 25 (no scale search, no coverage in the blend weights)")
     parser.add_argument("--summary", action="store_true", help="leave out the per-frame PSNR/SSIM lines")
     parser.add_argument("--save", action="store_true", help="write our frames to bench/out/")
     args = parser.parse_args()
@@ -291,6 +326,8 @@ def main():
         args.variants.append(("ours-telea", propagate.PropagationSettings(hole_fill="telea")))
     if args.poisson:
         args.variants.append(("ours-ps", propagate.PropagationSettings(poisson=True)))
+    if args.previous:
+        args.variants.append(("ours-prev", propagate.PropagationSettings(scale_search=False, coverage_weights=False)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"{args.busy} busy processes beside, EbSynth: {args.ebsynth or 'not found'}")
     with BusyMachine(args.busy, args.busy_seconds):

@@ -63,8 +63,11 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
                patch_size: int = EBSYNTH_PATCH_SIZE, pyramid_levels: Optional[int] = None,
                search_vote_iters: int = EBSYNTH_SEARCH_VOTE_ITERS, patchmatch_iters: int = EBSYNTH_PATCHMATCH_ITERS,
                uniformity: float = EBSYNTH_UNIFORMITY, stop_threshold: float = EBSYNTH_STOP_THRESHOLD,
-               descriptor_size: int = DEFAULT_DESCRIPTOR_SIZE, seed: int = 0) -> Synthesis:
-    """Synthesise the target of `guides` in the style of `style` ([C,Hs,Ws], 0..1), coarse to fine."""
+               descriptor_size: int = DEFAULT_DESCRIPTOR_SIZE, seed: int = 0, uniform_share: float = 1.0) -> Synthesis:
+    """Synthesise the target of `guides` in the style of `style` ([C,Hs,Ws], 0..1), coarse to fine.
+    `uniform_share`: the share of the source's pixels that a uniform use of it is expected to spread over (1: all;
+    for a source that is an atlas of several copies of one image at different scales, the share of one copy, so
+    that the uniformity term does not push the matches out of the copy at the right scale)."""
     _check_inputs(style, guides, patch_size)
     device = style.device
     source_hw = tuple(style.shape[-2:])
@@ -91,7 +94,7 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
         level_source_hw = _level_size(source_hw, factor)
         level_target_hw = _level_size(target_hw, factor)
         solver = _LevelSolver(_resize(source_features, level_source_hw), _resize(target_guides, level_target_hw),
-                              feature_scale, style_channels, basis, uniformity, generator)
+                              feature_scale, style_channels, basis, uniformity, generator, uniform_share)
         if nnf is None:
             nnf = solver.random_field()
         else:
@@ -184,7 +187,8 @@ class _LevelSolver:
     the target (EbSynth keeps source centres `radius` away from the border instead, so it cannot reproduce a
     target's border exactly even from an identical source)."""
 
-    def __init__(self, source_features, target_guides, feature_scale, style_channels, basis, uniformity, generator):
+    def __init__(self, source_features, target_guides, feature_scale, style_channels, basis, uniformity, generator,
+                 uniform_share=1.0):
         patch_size = basis.shape[-1]
         self.patch_size, self.radius = patch_size, patch_size // 2
         self.generator = generator
@@ -209,7 +213,7 @@ class _LevelSolver:
         self.vote_count = (F.avg_pool2d(ones, patch_size, stride=1, padding=self.radius, count_include_pad=True)
                            * patch_size ** 2)[0, 0].reshape(-1, 1)
         target_pixels = self.target_hw[0] * self.target_hw[1]
-        source_pixels = self.source_hw[0] * self.source_hw[1]
+        source_pixels = self.source_hw[0] * self.source_hw[1] * uniform_share
         # EbSynth: occupancy = (patch sum of Omega / patch area) / omegaBest, omegaBest = |A|/|B| * patch area,
         # Omega = how many target patches cover a source pixel; patch sum of Omega = hits * (box*box) kernel.
         # Here omegaBest is the patch sum that uniform use (every source patch used |A|/|B| times) gives at each

@@ -19,6 +19,7 @@ PropagationSettings); Lab is kept in float rather than rounded to 8 bits.
 
 Frames are [N,H,W,3] float RGB in 0..1 (ComfyUI IMAGE); internally images are [3,H,W].
 """
+import math
 import os
 import threading
 from collections import deque
@@ -40,6 +41,8 @@ POISSON_GRADIENT_WEIGHTS = (2.5, 0.5, 0.5)  # L, a, b (reference)
 POISSON_GRADIENT_CLIP = 100.0  # on OpenCV 8-bit Lab values
 TELEA_RADIUS = 30
 HOLE_FILLS = ("pyramid", "telea")
+MIN_COVERAGE = 1e-2  # a pass's share where its guides were all filled, relative to one whose guides were carried
+MAX_SCALE = 4.0  # the largest (and 1/ the smallest) scale of the key searched
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class PropagationSettings:
     histogram_blend: bool = True
     poisson: bool = False
     seed: int = 0
+    scale_search: bool = True
+    min_scale_change: float = 0.06
+    coverage_weights: bool = False  # not yet measured on the bench (issue 25): off keeps the blend as it was
 
     def __post_init__(self):
         if self.hole_fill not in HOLE_FILLS:
@@ -76,6 +82,8 @@ class PropagationSettings:
 class PassFrame:
     image: torch.Tensor  # [3,H,W] 0..1
     error: torch.Tensor  # [H,W] patch error (EbSynth units)
+    coverage: Optional[torch.Tensor] = None  # [H,W] 0..1: how much of each pixel's guides came from the key along
+    # the flow (1) rather than from hole filling (0); None = everywhere
 
 
 # ---- guides ---------------------------------------------------------------------------------------------------
@@ -128,17 +136,86 @@ def _push_pull_fill(image: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
     return torch.where(holes[None, None], filled, image[None].float())[0]
 
 
+def advect_holes(flow: torch.Tensor, occlusion: torch.Tensor) -> torch.Tensor:
+    """[H,W] bool: the pixels that `advect` fills (occluded, or carried from outside the frame)."""
+    _, _, h, w = flow.shape
+    xs = torch.arange(w, device=flow.device).view(1, w) + flow[0, 0]
+    ys = torch.arange(h, device=flow.device).view(h, 1) + flow[0, 1]
+    return (occlusion[0, 0] > 0.5) | (xs < 0) | (xs > w - 1) | (ys < 0) | (ys > h - 1)
+
+
 def advect(image: torch.Tensor, flow: torch.Tensor, occlusion: torch.Tensor, hole_fill: str) -> torch.Tensor:
     """Carry `image` ([C,H,W]) one step along `flow` ([1,2,H,W], backward, as VideoFlow.pair), then fill occluded
     pixels and pixels that came from outside the frame (the temporal and positional guides). Bilinear, where the
     reference samples the nearest pixel: re-sampling every frame to the nearest pixel lets the guides drift by up to
     half a pixel per frame and costs ~1.5 dB over a 10-frame pass (measured on the bench's man clip)."""
-    _, h, w = image.shape
     warped = flow_warp(image[None].float(), flow)[0]
-    xs = torch.arange(w, device=flow.device).view(1, w) + flow[0, 0]
-    ys = torch.arange(h, device=flow.device).view(h, 1) + flow[0, 1]
-    outside = (xs < 0) | (xs > w - 1) | (ys < 0) | (ys > h - 1)
-    return fill_holes(warped, (occlusion[0, 0] > 0.5) | outside, hole_fill)
+    return fill_holes(warped, advect_holes(flow, occlusion), hole_fill)
+
+
+# ---- scale ----------------------------------------------------------------------------------------------------
+def flow_scale(positions: torch.Tensor, valid: Optional[torch.Tensor] = None, step: int = 8) -> float:
+    """How much larger the target shows the key's content, from the positional guide (`positions` [3,H,W]: key
+    coordinates row/(H-1), col/(W-1) carried along the flow): 1/sqrt(det J) of the map target pixel -> key pixel,
+    J from differences over `step` pixels, median over the pixels whose coordinates were carried, not filled
+    (`valid` [H,W] bool). 1 when too few pixels tell."""
+    h, w = positions.shape[-2:]
+    if h <= 2 * step or w <= 2 * step:
+        return 1.0
+    rows, cols = positions[0] * (h - 1), positions[1] * (w - 1)
+    centre = (slice(step, h - step), slice(step, w - step))
+    dr_dy = (rows[2 * step:, step:w - step] - rows[:h - 2 * step, step:w - step]) / (2 * step)
+    dr_dx = (rows[step:h - step, 2 * step:] - rows[step:h - step, :w - 2 * step]) / (2 * step)
+    dc_dy = (cols[2 * step:, step:w - step] - cols[:h - 2 * step, step:w - step]) / (2 * step)
+    dc_dx = (cols[step:h - step, 2 * step:] - cols[step:h - step, :w - 2 * step]) / (2 * step)
+    det = dr_dy * dc_dx - dr_dx * dc_dy
+    keep = det > 1e-3
+    if valid is not None:
+        # all four neighbours carried too, so no difference reaches into a filled hole
+        v = valid
+        keep &= (v[centre] & v[2 * step:, step:w - step] & v[:h - 2 * step, step:w - step]
+                 & v[step:h - step, 2 * step:] & v[step:h - step, :w - 2 * step])
+    if int(keep.sum()) < 0.05 * keep.numel():
+        return 1.0
+    return float(det[keep].median().clamp(min=1e-3) ** -0.5)
+
+
+def search_scales(scale: float, settings: "PropagationSettings") -> list:
+    """The scales of the key searched for a target that shows it `scale` times larger: the key itself, and where
+    the scale moved by more than `settings.min_scale_change`, the key resized to that scale."""
+    if not settings.scale_search or abs(math.log(max(scale, 1e-6))) <= math.log1p(settings.min_scale_change):
+        return [1.0]
+    return [1.0, min(max(scale, 1.0 / MAX_SCALE), MAX_SCALE)]
+
+
+def scaled_atlas(images: Sequence[torch.Tensor], scales: Sequence[float], positions: torch.Tensor,
+                 margin: int) -> tuple:
+    """The key's images (each [C,H,W], aligned; the last is its coordinate image) at every scale, side by side in
+    one atlas (bottoms padded by repeating the last row). A resized copy keeps only the part of the key that the
+    target's `positions` reach, plus `margin` pixels. Returns (the atlas of each image, the share of its pixels
+    that one key-sized copy takes)."""
+    h, w = images[0].shape[-2:]
+    parts = [[] for _ in images]
+    for scale in scales:
+        if scale == 1.0:
+            for part, image in zip(parts, images):
+                part.append(image)
+            continue
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        rows = positions[0] * (size[0] - 1)
+        cols = positions[1] * (size[1] - 1)
+        top = max(0, int(rows.min()) - margin)
+        bottom = min(size[0], int(rows.max()) + 2 + margin)
+        left = max(0, int(cols.min()) - margin)
+        right = min(size[1], int(cols.max()) + 2 + margin)
+        for part, image in zip(parts, images):
+            resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=True,
+                                    antialias=scale < 1.0)[0]
+            part.append(resized[:, top:bottom, left:right])
+    height = max(p.shape[-2] for p in parts[0])
+    atlases = [torch.cat([F.pad(p[None], (0, 0, 0, height - p.shape[-2]), mode="replicate")[0] for p in part], -1)
+               for part in parts]
+    return atlases, (h * w) / (atlases[0].shape[-2] * atlases[0].shape[-1])
 
 
 # ---- one pass -------------------------------------------------------------------------------------------------
@@ -155,27 +232,38 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
     key_edges = edge_guide(key_image)
     key_positions = coordinate_image(h, w, device)
     previous_index, previous_output, positions = key_index, key_stylised, key_positions
+    carried = torch.ones(h, w, dtype=torch.bool, device=device)  # positions carried from the key, never filled
+    coverage = torch.ones(h, w, device=device)  # the same, soft (bilinear)
     for index in targets:
         if on_frame is not None:
             on_frame(index)
         flow, occlusion = flows.pair(previous_index, index, device=device)
         temporal = advect(previous_output, flow, occlusion, settings.hole_fill)
         positions = advect(positions, flow, occlusion, settings.hole_fill)
+        holes = advect_holes(flow, occlusion)
+        carried = (flow_warp(carried.float()[None, None], flow)[0, 0] > 0.999) & ~holes
+        coverage = flow_warp(coverage[None, None], flow)[0, 0] * ~holes
         image = _chw(frames[index], device)
+        scales = search_scales(flow_scale(positions, carried), settings)
+        style, sources, share = key_stylised, (key_image, key_edges, key_stylised, key_positions), 1.0
+        if len(scales) > 1:
+            (key_scaled, style, positional), share = scaled_atlas(
+                (key_image, key_stylised, key_positions), scales, positions, 4 * settings.patch_size)
+            sources = (key_scaled, edge_guide(key_scaled), style, positional)
         guides = []
-        for weight, source, target in ((settings.colour_weight, key_image, image),
-                                       (settings.edge_weight, key_edges, edge_guide(image)),
-                                       (settings.temporal_weight, key_stylised, temporal),
-                                       (settings.positional_weight, key_positions, positions)):
+        for weight, source, target in ((settings.colour_weight, sources[0], image),
+                                       (settings.edge_weight, sources[1], edge_guide(image)),
+                                       (settings.temporal_weight, sources[2], temporal),
+                                       (settings.positional_weight, sources[3], positions)):
             if weight > 0:
                 guides.append(patchmatch.Guide(source, target, weight))
         result = patchmatch.synthesize(
-            key_stylised, guides, patch_size=settings.patch_size, pyramid_levels=settings.pyramid_levels,
+            style, guides, patch_size=settings.patch_size, pyramid_levels=settings.pyramid_levels,
             search_vote_iters=settings.search_vote_iters, patchmatch_iters=settings.patchmatch_iters,
             uniformity=settings.uniformity, stop_threshold=settings.stop_threshold,
-            descriptor_size=settings.descriptor_size, seed=settings.seed + index)
+            descriptor_size=settings.descriptor_size, seed=settings.seed + index, uniform_share=share)
         previous_index, previous_output = index, result.image
-        yield index, PassFrame(result.image, result.error)
+        yield index, PassFrame(result.image, result.error, coverage)
 
 
 def _chw(image: torch.Tensor, device) -> torch.Tensor:
@@ -264,7 +352,8 @@ def screened_poisson(data: torch.Tensor, grad_x: torch.Tensor, grad_y: torch.Ten
     return dct_h.t() @ spectrum @ dct_w
 
 
-def error_weights(error_a: torch.Tensor, error_b: torch.Tensor, weight_b: float) -> torch.Tensor:
+def error_weights(error_a: torch.Tensor, error_b: torch.Tensor, weight_b: float,
+                  coverage_a: Optional[torch.Tensor] = None, coverage_b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-pixel weight [H,W] of pass B: the temporal weights (1-w, w) each divided by its pass's patch error
     (inverse-error weighting), normalised. Where a pass matched its guides worse it counts less, smoothly, instead of
     the reference's one weight per frame; equal errors give w, and w = 0 or 1 stays exact (a single pass). Measured
@@ -272,6 +361,9 @@ def error_weights(error_a: torch.Tensor, error_b: torch.Tensor, weight_b: float)
     car:3 over the per-frame weight; no extra search, a few element-wise operations per frame."""
     share_a = (1.0 - weight_b) * error_b.float().clamp(min=1e-6)  # errors are SSDs on 0..255: 1e-6 is nothing
     share_b = weight_b * error_a.float().clamp(min=1e-6)
+    if coverage_a is not None and coverage_b is not None:
+        share_a = share_a * coverage_a.float().clamp(min=MIN_COVERAGE)
+        share_b = share_b * coverage_b.float().clamp(min=MIN_COVERAGE)
     return share_b / (share_a + share_b)
 
 
@@ -281,17 +373,21 @@ def blend_frame(forward: PassFrame, backward: PassFrame, weight_b: float, previo
     bool, True = taken from the backward pass). `weight_b` = the backward pass's weight; `previous_selection` is the
     previous frame's mask, carried along `flow` (laying the previous frame onto this one) and OR-ed in."""
     weight_a = 1.0 - weight_b
+    coverages = (forward.coverage, backward.coverage) if settings.coverage_weights else (None, None)
     if weight_b <= 0.0:
         selection = torch.zeros_like(forward.error, dtype=torch.bool)
     elif weight_a <= 0.0:
         selection = torch.ones_like(forward.error, dtype=torch.bool)
+    elif coverages[0] is not None and coverages[1] is not None:
+        selection = (weight_b * forward.error * coverages[1].clamp(min=MIN_COVERAGE)
+                     >= weight_a * backward.error * coverages[0].clamp(min=MIN_COVERAGE))
     else:
         selection = weight_b * forward.error >= weight_a * backward.error
     if previous_selection is not None:
         carried = flow_warp(previous_selection.float()[None, None], flow, mode="nearest")[0, 0] > 0.5
         selection = selection | carried
     composite = torch.where(selection[None], backward.image, forward.image)
-    pixel_weight_b = error_weights(forward.error, backward.error, weight_b)
+    pixel_weight_b = error_weights(forward.error, backward.error, weight_b, *coverages)
     if not settings.histogram_blend:
         blended = forward.image * (1.0 - pixel_weight_b) + backward.image * pixel_weight_b
         return blended, selection
