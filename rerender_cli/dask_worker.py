@@ -13,6 +13,7 @@ Propagation intervals need only this pack's `rerender` library (flow and propaga
 PYTHONPATH holds the pack runs them. Frames arrive and leave as numpy arrays.
 """
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -45,9 +46,10 @@ class JobCancelled(Exception):
     """The driver cancelled this task's job."""
 
 
+@functools.lru_cache(maxsize=None)
 def pack_version() -> str:
-    """A digest of this pack's Python sources: workers and driver must run the same code for the video to equal
-    the one-machine run."""
+    """A digest of this pack's Python sources as this process found them first: workers and driver must run the
+    same code for the video to equal the one-machine run."""
     digest = hashlib.sha1()
     for top in PACK_SOURCES:
         path = PACK_DIR / top

@@ -249,17 +249,18 @@ class Job:
         video = self.args.video.read_bytes()
         video_name = f"rerender_{hashlib.sha1(video).hexdigest()[:12]}{self.args.video.suffix}"
         classes = {node["class_type"] for node in self.prompt.values()}
-        info = self.client.submit(self.worker.object_info, classes, workers=diffusion[:1], pure=False,
-                                  resources={DIFFUSION: 1}).result()
+        info = self.submit("node definitions", self.worker.object_info, classes, workers=diffusion[:1],
+                           diffusion=True).result()
         headless.apply_overrides(self.prompt, self.args, info)           # the --set checks, before any job task
         headless.set_input(self.prompt, "LoadVideo", "file", video_name)
         pipeline = Pipeline.find(self.prompt)
-        checks = {address: self.client.submit(self.worker.check_workflow, self.prompt, video_name, video,
-                                              workers=[address], pure=False, resources={DIFFUSION: 1})
-                  for address in diffusion}
+        checks = {address: self.submit(f"check {address}", self.worker.check_workflow, self.prompt, video_name,
+                                       video, workers=[address], diffusion=True) for address in diffusion}
         for address, check in checks.items():
             if check.result():
                 raise UserError(f"worker {address}: {check.result()}", 3)
+        if "dashboard" in self.client.scheduler_info().get("services", {}):
+            self.progress.event(f"Dask's dashboard (task stream, progress): {self.client.dashboard_link}")
 
         inputs = pipeline.inputs
         render = self.submit("key frames", self.worker.render_key_frames, pipeline.key_stage(), inputs["frames"],
