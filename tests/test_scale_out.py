@@ -1,6 +1,7 @@
-"""Why the scale-out job can cut the propagation into intervals: each interval propagated alone, from its own frames,
+"""Why the cluster job can cut the propagation into intervals: each interval propagated alone, from its own frames,
 its own flow and its key frames, with the seed shifted by its first frame, is bit-identical to the same frames of
-the whole-clip propagation; and the cut covers every frame that is not a key frame exactly once."""
+the whole-clip propagation; the cut covers every frame that is not a key frame exactly once; the workers' interval
+task does this from the node's widgets. And what the driver cuts from the workflow, or refuses to."""
 
 import copy
 import json
