@@ -1,13 +1,14 @@
-"""Wall time of the main job on one ComfyUI server vs spread over several (`python -m rerender_cli.run_headless --servers`), all on this
-machine, with the test suite's random-weight models: the one-server run (`--server`), the scale-out job on one
-server and on all of them. Checks that the videos' frames are identical. On one machine the servers share its
-cores, so this shows the mechanism's overhead, not the speed-up of separate machines. Every run gets freshly
-started servers (server start-up is not timed), so the host's cache answers nothing from an earlier run; an untimed
-first run warms the disk cache.
+"""Wall time of the main job on one ComfyUI server vs on a Dask LocalCluster of 1 and of N worker processes
+(`python -m rerender_cli.run_headless --cluster`), all on this machine, with the test suite's random-weight
+models; checks that the videos' frames are identical to the one-server run. On one machine the workers share its
+cores, so this shows the mechanism's overhead, not the speed-up of separate machines. Every run gets a fresh server
+or cluster whose start-up (ComfyUI loaded in each worker) is not timed, so no cache answers for an earlier run; an
+untimed first run warms the disk cache. Also prints the lines of the project's own scheduling code.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/scale_out_bench.py --servers 3 --frames 13 --size 64 --interval 4
+    COMFYUI_PATH=/path/to/ComfyUI python bench/scale_out_bench.py --workers 3 --frames 13 --size 64 --interval 4
 """
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from host_compat import SHARED_DATA, find_comfyui, make_base_directory  # noqa: 
 from host_server import HostServer  # noqa: E402
 
 HEADLESS = [sys.executable, "-m", "rerender_cli.run_headless"]   # run with cwd=REPO
+SCHEDULING_CODE = ["rerender_cli/scale_out.py", "rerender_cli/dask_worker.py"]
 
 
 def job(args, clip: Path, output: Path, *where) -> float:
@@ -42,17 +44,31 @@ def job(args, clip: Path, output: Path, *where) -> float:
     return seconds
 
 
-def frames_of(path: Path) -> np.ndarray:
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while (read := capture.read())[0]:
-        frames.append(read[1])
-    return np.stack(frames)
+def on_server(args, comfy_path: Path, base: Path, clip: Path, output: Path) -> float:
+    server = HostServer(comfy_path, base).start()
+    try:
+        return job(args, clip, output, "--server", server.url)
+    finally:
+        server.stop()
+
+
+def on_cluster(args, workers: int, clip: Path, output: Path) -> float:
+    """A fresh LocalCluster of `workers` diffusion workers on 127.0.0.1, ComfyUI loaded in each before timing."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, resources={"diffusion": 1},
+                      preload=["dask_preload", "rerender_cli.dask_worker"]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(workers)
+        return job(args, clip, output, "--cluster", cluster.scheduler_address)
+
+
+def code_lines(paths) -> int:
+    return sum(len((REPO / path).read_text().splitlines()) for path in paths)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--frames", type=int, default=13)
     parser.add_argument("--size", type=int, default=64, help="frame width and height after Upscale Image")
     parser.add_argument("--steps", type=int, default=3, help="Key Frame Sampler steps")
@@ -66,35 +82,36 @@ def main() -> None:
         raise SystemExit(f"scale_out_bench: {reason}")
     work = Path(tempfile.mkdtemp(prefix="rerender_scale_out_"))
     try:
-        bases = [make_base_directory(work / f"server_{i}") for i in range(args.servers)]
-        write_models(comfy_path, bases[0], args.unet)
-        for base in bases[1:]:                  # each server its own folders: nothing shared but HTTP
-            for folder in ("checkpoints", "controlnet"):
-                shutil.copytree(bases[0] / "models" / folder, base / "models" / folder, dirs_exist_ok=True)
+        base = make_base_directory(work / "base")
+        write_models(comfy_path, base, args.unet)
+        os.environ.update(COMFYUI_PATH=str(comfy_path), COMFYUI_ARGS=f"--cpu --disable-api-nodes --base-directory "
+                          f"{base}", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+        sys.path.insert(0, str(REPO))
         clip = work / "clip.mp4"
         write_clip(args.clip, clip, args.frames)
-        runs = {"warm-up (untimed)": (1, "warm_up.mp4", "--server"),   # the first run also loads files from disk
-                "one server, run_headless --server": (1, "one.mp4", "--server"),
-                "one server, --servers": (1, "scale_1.mp4", "--servers"),
-                f"{args.servers} servers, --servers": (args.servers, "scale_n.mp4", "--servers")}
-        times = {}
-        for what, (count, output, option) in runs.items():
-            # freshly started servers for every run: the host's cache must not answer for an earlier run
-            servers = [HostServer(comfy_path, base).start() for base in bases[:count]]
-            try:
-                times[what] = job(args, clip, work / output, option, ",".join(server.url for server in servers))
-            finally:
-                for server in servers:
-                    server.stop()
+        on_server(args, comfy_path, base, clip, work / "warm_up.mp4")     # untimed: loads the files from disk
+        times = {"one server, run_headless --server": on_server(args, comfy_path, base, clip, work / "one.mp4"),
+                 "LocalCluster of 1 worker, --cluster": on_cluster(args, 1, clip, work / "cluster_1.mp4"),
+                 f"LocalCluster of {args.workers} workers, --cluster": on_cluster(args, args.workers, clip,
+                                                                                  work / "cluster_n.mp4")}
         reference = frames_of(work / "one.mp4")
-        same = [np.array_equal(reference, frames_of(work / name)) for name in ("scale_1.mp4", "scale_n.mp4")]
+        same = [np.array_equal(reference, frames_of(work / name)) for name in ("cluster_1.mp4", "cluster_n.mp4")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"scale-out: {args.frames} frames x {args.size}x{args.size}, key frame interval {args.interval}, "
-          f"{args.steps} steps, {args.unet} UNet, servers on one machine")
-    for what, seconds in list(times.items())[1:]:
-        print(f"  {what:36s} {seconds:8.1f} s")
-    print(f"  frames identical to the one-server run: --servers 1: {same[0]}, --servers {args.servers}: {same[1]}")
+          f"{args.steps} steps, {args.unet} UNet, all on one machine")
+    for what, seconds in times.items():
+        print(f"  {what:40s} {seconds:8.1f} s")
+    print(f"  frames identical to the one-server run: 1 worker: {same[0]}, {args.workers} workers: {same[1]}")
+    print(f"  the project's own scheduling code: {code_lines(SCHEDULING_CODE)} lines ({', '.join(SCHEDULING_CODE)})")
+
+
+def frames_of(path: Path) -> np.ndarray:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while (read := capture.read())[0]:
+        frames.append(read[1])
+    return np.stack(frames)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,7 @@ def estimate_flow(frames: torch.Tensor, optical_flow, dis_preset: str, raft_iter
         raise ValueError(f"Flow Estimation: `estimate` must be one of {ESTIMATE_MODES}, got {estimate!r}.")
     estimator = flowlib.DISEstimator(dis_preset) if optical_flow is None else raft_estimator(optical_flow,
                                                                                              raft_iterations)
-    settings = dict(alpha=alpha, beta=beta,
-                    photometric_threshold=flowlib.PHOTOMETRIC_THRESHOLD if photometric_check else None)
+    settings = flowlib.consistency_settings(alpha, beta, photometric_check)
     interrupt_check = comfy.model_management.throw_exception_if_processing_interrupted
     if estimate == "precompute":
         progress = progress_bar(max(frames.shape[0] - 1, 1))

@@ -106,12 +106,10 @@ class PatchPropagator(io.ComfyNode):
         widgets_ok = cls.validate_inputs(patch_size)  # a linked patch_size is only known now
         if widgets_ok is not True:
             raise ValueError(widgets_ok)
-        settings = propagate.PropagationSettings(
-            colour_weight=colour_weight, edge_weight=edge_weight, temporal_weight=temporal_weight,
-            positional_weight=positional_weight, patch_size=patch_size, search_vote_iters=search_vote_iters,
-            patchmatch_iters=patchmatch_iters, uniformity=uniformity, stop_threshold=stop_threshold,
-            pyramid_levels=pyramid_levels or None, descriptor_size=descriptor_size, hole_fill=hole_fill,
-            histogram_blend=histogram_blend, poisson=poisson_fusion and histogram_blend, seed=seed)
+        settings = propagate.settings_from_widgets(
+            colour_weight, edge_weight, temporal_weight, positional_weight, patch_size, search_vote_iters,
+            patchmatch_iters, hole_fill, histogram_blend, poisson_fusion, uniformity, stop_threshold, pyramid_levels,
+            descriptor_size, seed)
         try:
             propagate.check_inputs(frames, list(indices), key_frame_images, flow)
         except ValueError as error:

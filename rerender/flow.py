@@ -178,6 +178,12 @@ def _frames_nchw(frames) -> torch.Tensor:
 DEFAULT_CACHE_PAIRS = 32  # unordered pairs kept by an on-demand VideoFlow: > the picker's s_max (20) + passes in flight
 
 
+def consistency_settings(alpha: float, beta: float, photometric_check: bool) -> dict:
+    """VideoFlow's occlusion-test keywords from Flow Estimation's widgets (for the node and the cluster job's
+    intervals, which estimate their flow without the host)."""
+    return dict(alpha=alpha, beta=beta, photometric_threshold=PHOTOMETRIC_THRESHOLD if photometric_check else None)
+
+
 @contextmanager
 def _intra_op_threads(count: int):
     """Run torch ops of the calling thread with `count` intra-op threads (the setting is per thread), then restore."""

@@ -78,6 +78,19 @@ class PropagationSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+def settings_from_widgets(colour_weight, edge_weight, temporal_weight, positional_weight, patch_size,
+                          search_vote_iters, patchmatch_iters, hole_fill, histogram_blend, poisson_fusion, uniformity,
+                          stop_threshold, pyramid_levels, descriptor_size, seed) -> PropagationSettings:
+    """The settings Patch Propagator's widgets ask for (pyramid_levels 0 = as many as fit, Poisson fusion only with
+    the histogram blend); one mapping for the node and for the cluster job's intervals, which run without the host."""
+    return PropagationSettings(
+        colour_weight=colour_weight, edge_weight=edge_weight, temporal_weight=temporal_weight,
+        positional_weight=positional_weight, patch_size=patch_size, search_vote_iters=search_vote_iters,
+        patchmatch_iters=patchmatch_iters, uniformity=uniformity, stop_threshold=stop_threshold,
+        pyramid_levels=pyramid_levels or None, descriptor_size=descriptor_size, hole_fill=hole_fill,
+        histogram_blend=histogram_blend, poisson=poisson_fusion and histogram_blend, seed=seed)
+
+
 @dataclass
 class PassFrame:
     image: torch.Tensor  # [3,H,W] 0..1

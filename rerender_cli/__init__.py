@@ -1,3 +1,4 @@
-"""The pack's programs: the headless runner, its scale-out over several servers, and the workflow builder. They
+"""The pack's programs: the headless runner, its scale-out on a Dask cluster (scale_out.py, and dask_worker.py on
+the workers, which loads ComfyUI in process and lets it load the pack's nodes), and the workflow builder. They
 import the algorithm library `rerender` at most, never the host-bound layers; run them from the repository root,
 e.g. `python -m rerender_cli.run_headless --help`."""

@@ -4,8 +4,8 @@
 
 Uploads the video, checks every model file and node the workflow names against the server before queueing,
 queues it (POST /prompt), follows the websocket with a progress bar, and downloads the saved video.
-With `--servers URL,URL,...` the job is spread over several servers (see scale_out.py): key frames on the first,
-propagation intervals on all of them, an interval re-queued elsewhere if its server is lost.
+With `--cluster tcp://HOST:8786` (a Dask scheduler) or `--cluster local:N` the job runs on a Dask cluster instead
+(see scale_out.py): key frames on a worker with the diffusion model, propagation intervals on any worker.
 Needs `aiohttp` (installed with ComfyUI). Exit codes: 0 done, 1 the workflow failed, 2 no server, 3 bad input
 (nothing queued), 130 interrupted with Ctrl-C (this client's prompt is taken off the queue or stopped).
 """
@@ -37,9 +37,9 @@ def parse_args(argv):
     parser.add_argument("--video", required=True, type=Path, help="input video file")
     parser.add_argument("--output", required=True, type=Path, help="where to write the output video")
     parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI server: HOST:PORT or a URL")
-    parser.add_argument("--servers", metavar="URL,URL,...",
-                        help="several ComfyUI servers (HOST:PORT or URLs, comma-separated): key frames rendered on "
-                             "the first, the propagation intervals spread over all; replaces --server")
+    parser.add_argument("--cluster", metavar="tcp://HOST:8786 | local:N",
+                        help="run on a Dask cluster (its scheduler's address), or on N local worker processes, "
+                             "instead of a ComfyUI server; needs pip install 'comfyui-rerender[cluster]'")
     parser.add_argument("--workflow", default=DEFAULT_WORKFLOW, type=Path,
                         help="API-format workflow JSON (default: workflows/api/rerender_full_pipeline.json)")
     parser.add_argument("--prompt", help="positive prompt (the text encoder wired to the sampler's positive input)")
@@ -287,13 +287,14 @@ async def follow(ws, prompt_id: str, progress: "ProgressLine") -> None:
             return
 
 
-async def run(args) -> Path:
+def read_job(args) -> dict:
     if not args.video.is_file():
         raise UserError(f"input video '{args.video}' does not exist", 3)
-    prompt = read_workflow(args.workflow)
-    if args.servers:
-        from . import scale_out
-        return await scale_out.run(args, prompt)
+    return read_workflow(args.workflow)
+
+
+async def run(args) -> Path:
+    prompt = read_job(args)
     url = server_url(args.server)
     client_id = uuid.uuid4().hex
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
@@ -353,7 +354,11 @@ async def run(args) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        output = asyncio.run(run(args))
+        if args.cluster:
+            from . import scale_out
+            output = scale_out.run(args, read_job(args))
+        else:
+            output = asyncio.run(run(args))
     except UserError as error:
         print(f"run_headless: {error}", file=sys.stderr)
         return error.code
