@@ -111,12 +111,28 @@ def accelerator_args() -> list:
     return [] if torch.cuda.is_available() or has_mps or has_xpu else ["--cpu"]
 
 
+def node_definitions(nodes, folder_paths) -> dict:
+    """The inputs and outputs of every loaded node class, as the server's GET /object_info gives them (its
+    `node_info`: a V3 node's GET_NODE_INFO_V1, a classic node's INPUT_TYPES); `nodes` and `folder_paths` are the
+    host's modules."""
+    from comfy_api.internal import _ComfyNodeInternal
+    info = {}
+    with folder_paths.cache_helper:
+        for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+            if issubclass(cls, _ComfyNodeInternal):
+                info[name] = cls.GET_NODE_INFO_V1()
+            else:
+                info[name] = {"input": cls.INPUT_TYPES(), "output": cls.RETURN_TYPES}
+    return info
+
+
 class EmbeddedHost:
     """ComfyUI started in this process the way its main.py starts it, minus the web server and the queue."""
 
     def __init__(self, comfy_path: Path, comfy_args: list):
         extra = [] if "--cpu" in comfy_args else accelerator_args()
-        sys.argv = [str(comfy_path / "main.py"), "--disable-api-nodes", *extra, *comfy_args]
+        quiet = [] if "--verbose" in comfy_args else ["--verbose", "ERROR"]    # the host's start-up log
+        sys.argv = [str(comfy_path / "main.py"), "--disable-api-nodes", *quiet, *extra, *comfy_args]
         sys.path.insert(0, str(comfy_path))
         import importlib
         host_main = importlib.import_module("main")      # paths, prestartup scripts, as at the host's start
@@ -150,16 +166,7 @@ class EmbeddedHost:
                 listener({"type": event, "data": data})
 
     def object_info(self) -> dict:
-        """What GET /object_info answers: every node class's definition."""
-        from comfy_api.internal import _ComfyNodeInternal
-        info = {}
-        with self.folder_paths.cache_helper:
-            for name, cls in self.nodes.NODE_CLASS_MAPPINGS.items():
-                if issubclass(cls, _ComfyNodeInternal):
-                    info[name] = cls.GET_NODE_INFO_V1()
-                else:
-                    info[name] = {"input": cls.INPUT_TYPES(), "output": cls.RETURN_TYPES}
-        return info
+        return node_definitions(self.nodes, self.folder_paths)
 
     def add_input(self, video: Path) -> str:
         """The video in the host's input folder, as the server's upload puts it there; its name for LoadVideo."""
