@@ -71,7 +71,7 @@ def flow_estimator(raft: Path = None, dis_preset: str = "medium", raft_iteration
     raft = Path(raft)
     if not raft.is_file():
         raise UserError(f"RAFT weights '{raft.name}' not found in {raft.resolve().parent} (get raft-sintel.pth "
-                        f"with rerender_cli/fetch_test_material.py, or leave out --raft to use DIS)", 3)
+                        f"with python -m rerender_cli.fetch_weights --dest DIR, or leave out --raft to use DIS)", 3)
     from rerender.raft_checkpoint import load_raft
     try:
         return flowlib.RAFTEstimator(load_raft(str(raft)), iterations=raft_iterations)
