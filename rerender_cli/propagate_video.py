@@ -2,7 +2,7 @@
 
 Runs the Patch Propagator's algorithm (rerender.propagate) on a video file, streamed: the video is read and written
 segment by segment (frames up to the first key, then each interval between two keys, then the frames after the last
-key), so memory holds the key frames and one segment, never the clip. The frames after the last key are a single
+key), so memory holds one segment, never the clip; key frame images are read when their segment comes. The frames after the last key are a single
 pass walking away from it and are streamed frame by frame. Each segment is propagated exactly as the node
 propagates the whole clip (same passes, same flow pairs, same per-frame seeds), so the output equals the node's.
 """
@@ -36,24 +36,31 @@ def parse_key(text: str) -> tuple:
         raise UserError(f"--key '{text}' must look like INDEX=FILE, e.g. 0=first.png", 3) from None
 
 
-def load_key_frames(keys: Sequence[tuple], count: int, width: int, height: int) -> dict:
-    """{index: [H,W,3] float 0..1} from (index, path) pairs, each checked against the clip before any work."""
-    frames = {}
+def check_key_frames(keys: Sequence[tuple], count: int, width: int, height: int) -> dict:
+    """{index: path} in index order from (index, path) pairs, each image read once and checked against the clip
+    before any work; they are read again when their segment comes (a long clip may have thousands)."""
+    checked = {}
     for index, path in keys:
         if not 0 <= index < count:
             raise UserError(f"key frame {index} ({path}) is outside the video's {count} frames (0..{count - 1})", 3)
-        if index in frames:
+        if index in checked:
             raise UserError(f"key frame {index} is given twice", 3)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR) if Path(path).is_file() else None
-        if image is None:
-            raise UserError(f"key frame '{path}' is not an image file that OpenCV can read", 3)
+        image = read_key_frame(path)
         if image.shape[:2] != (height, width):
             raise UserError(f"key frame '{path}' is {image.shape[1]}x{image.shape[0]} but the video's frames are "
                             f"{width}x{height}; paint the key frames at the video's size", 3)
-        frames[index] = as_float(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    if not frames:
+        checked[index] = Path(path)
+    if not checked:
         raise UserError("no key frame given; pass at least one --key INDEX=FILE", 3)
-    return dict(sorted(frames.items()))
+    return dict(sorted(checked.items()))
+
+
+def read_key_frame(path: Path) -> np.ndarray:
+    """A key frame image as RGB uint8."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if Path(path).is_file() else None
+    if image is None:
+        raise UserError(f"key frame '{path}' is not an image file that OpenCV can read", 3)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def as_float(rgb: np.ndarray) -> torch.Tensor:
@@ -138,12 +145,12 @@ def propagate_file(video: Path, keys: Sequence[tuple], output: Path,
     before the first frame is written, and nothing is left at `output` unless the whole video was written."""
     reader = VideoReader(video)
     try:
-        styles = load_key_frames(keys, reader.count, reader.width, reader.height)
+        key_paths = check_key_frames(keys, reader.count, reader.width, reader.height)
         estimator = estimator if estimator is not None else flowlib.DISEstimator()
-        progress = Progress(propagate.pass_frame_count(reader.count, list(styles))) if show_progress else None
+        progress = Progress(propagate.pass_frame_count(reader.count, list(key_paths))) if show_progress else None
         on_frame = progress.tick if progress is not None else None
         with VideoWriter(output, reader.fps, reader.width, reader.height) as writer:
-            _propagate_stream(reader, styles, writer, settings, estimator, on_frame)
+            propagate_stream(reader, key_paths, writer, settings, estimator, on_frame)
             if progress is not None:
                 progress.close()
             return writer.commit()
@@ -151,30 +158,34 @@ def propagate_file(video: Path, keys: Sequence[tuple], output: Path,
         reader.close()
 
 
-def _propagate_stream(reader: VideoReader, styles: dict, writer: VideoWriter, settings, estimator, on_frame) -> None:
-    keys = list(styles)
+def propagate_stream(reader: VideoReader, key_paths: dict, writer: VideoWriter, settings, estimator,
+                     on_frame=None) -> None:
+    """Read, propagate and write segment by segment (see the module's docstring); `key_paths` from
+    check_key_frames."""
+    keys = list(key_paths)
     held = []           # frames of the segment being read, from its first frame on
     start = 0           # index of held[0]
     for key in keys:
         while reader.position <= key:
             held.append(as_float(reader.read()))
         segment_keys = [k - start for k in keys if start <= k <= key]
-        if key > start:
+        if segment_keys[0] == 0 and key - start <= 1:     # nothing between two keys: the key as painted
+            writer.write(read_key_frame(key_paths[key]))
+        else:
             frames = torch.stack(held)
+            styles = torch.stack([as_float(read_key_frame(key_paths[start + k])) for k in segment_keys])
             video = propagate.propagate_video(
-                frames, segment_keys, torch.stack([styles[start + k] for k in segment_keys]),
-                flowlib.VideoFlow(frames, estimator), dataclasses.replace(settings, seed=settings.seed + start),
-                on_frame=on_frame)
-            first_new = 1 if start in styles else 0     # the segment's first key was written with the last one
+                frames, segment_keys, styles, flowlib.VideoFlow(frames, estimator),
+                dataclasses.replace(settings, seed=settings.seed + start), on_frame=on_frame)
+            first_new = 1 if start in key_paths else 0   # the segment's first key was written with the last one
             for image in video[first_new:]:
                 writer.write(as_uint8(image))
-        else:
-            writer.write(as_uint8(styles[key]))
         held, start = [held[-1]], key
     last = keys[-1]
     if last + 1 < reader.count:
         frames = _StreamedFrames(reader, last, held[-1])
+        style = as_float(read_key_frame(key_paths[last]))
         with propagate.single_threaded_ops():           # one pass: many small ops, as the node's workers run it
-            for _, result in propagate.run_pass(frames, last, styles[last], range(last + 1, reader.count),
+            for _, result in propagate.run_pass(frames, last, style, range(last + 1, reader.count),
                                                 _StreamedFlow(frames, estimator), settings, on_frame=on_frame):
                 writer.write(as_uint8(result.image.permute(1, 2, 0)))

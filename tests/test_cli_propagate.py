@@ -54,8 +54,8 @@ def test_demo_writes_every_frame_at_the_clip_rate_with_the_key_frames_exact(tmp_
 
 @pytest.fixture(scope="module")
 def small_clip(tmp_path_factory):
-    """12 frames of the demo clip at 48x64, lossless, and 'painted' (inverted) key frames 3 and 8: frames before
-    the first key, one interval and frames after the last key."""
+    """12 frames of the demo clip at 48x64, lossless, and 'painted' (inverted) key frames 3, 4 and 8: frames before
+    the first key, two keys with nothing between them, one interval and frames after the last key."""
     folder = tmp_path_factory.mktemp("small_clip")
     reader = VideoReader(propagate_video.DEMO_VIDEO)
     frames = [cv2.resize(reader.read(), (48, 64), interpolation=cv2.INTER_AREA) for _ in range(12)]
@@ -64,7 +64,7 @@ def small_clip(tmp_path_factory):
             writer.write(frame)
         writer.commit()
     keys = {}
-    for index in (3, 8):
+    for index in (3, 4, 8):
         keys[index] = folder / f"key_{index}.png"
         cv2.imwrite(str(keys[index]), cv2.cvtColor(255 - frames[index], cv2.COLOR_RGB2BGR))
     return folder / "clip.mkv", keys, np.stack(frames)
