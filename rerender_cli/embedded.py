@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -130,6 +131,7 @@ class EmbeddedHost:
     """ComfyUI started in this process the way its main.py starts it, minus the web server and the queue."""
 
     def __init__(self, comfy_path: Path, comfy_args: list):
+        started = time.perf_counter()
         extra = [] if "--cpu" in comfy_args else accelerator_args()
         quiet = [] if "--verbose" in comfy_args else ["--verbose", "ERROR"]    # the host's start-up log
         sys.argv = [str(comfy_path / "main.py"), "--disable-api-nodes", *quiet, *extra, *comfy_args]
@@ -159,6 +161,7 @@ class EmbeddedHost:
                 raise UserError(f"ComfyUI at {comfy_path} could not load this pack from {REPO_ROOT} (see the log "
                                 f"above)", 3)
         host_main.hijack_progress(self.server)
+        self.start_seconds = time.perf_counter() - started
 
     def _deliver(self, event, data, sid=None) -> None:
         if isinstance(event, str):
@@ -205,16 +208,20 @@ class EmbeddedHost:
         executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         self.server.last_prompt_id = prompt_id           # as the host's prompt worker sets it
+        started = time.perf_counter()
         try:
             executor.execute(prompt, prompt_id, {"client_id": "embedded"}, outputs)
         finally:
             progress.close()
             self.listeners.remove(progress.handle)
+        ran = time.perf_counter() - started
         if not executor.success:
             failures = [data for event, data in executor.status_messages if event == "execution_error"]
             detail = failures[0] if failures else {}
             raise UserError(f"{detail.get('node_type', 'the workflow')} failed: "
                             f"{detail.get('exception_message', 'interrupted').strip()}", 1)
+        print(f"comfyui-rerender render: host started in {self.start_seconds:.1f} s, the workflow ran in {ran:.1f} s",
+              file=sys.stderr)
         videos = [item for node_output in executor.history_result["outputs"].values()
                   if node_output.get("animated") for item in node_output.get("images", [])]
         if not videos:
