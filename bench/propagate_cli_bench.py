@@ -73,7 +73,8 @@ def child_memory(minutes: float, width: int, height: int, interval: int, tail: i
         written = VideoReader(folder / "out.mkv").count
     return {"minutes": minutes, "frames": count, "written": written, "key_frames": len(keys),
             "propagated_frames": len(propagated), "seconds": round(seconds, 1),
-            "rss_before_mib": round(before), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "rss_before_mib": round(before),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "whole_clip_float32_mib": round(whole_clip_mib(count, width, height)),
             "whole_clip_float32_1080p_gib": round(whole_clip_mib(count, *FULL_HD) / 1024, 1)}
 

@@ -32,7 +32,7 @@ def add_propagate(subparsers) -> None:
     parser.add_argument("--output", type=Path,
                         help="output video (.mp4: H.264; .mkv/.avi: lossless FFV1); --demo: propagate_demo.mp4")
     parser.add_argument("--raft", type=Path, metavar="FILE",
-                        help="RAFT checkpoint (raft-sintel.pth, princeton-vl or torchvision layout); default OpenCV DIS")
+                        help="RAFT checkpoint (raft-sintel.pth; princeton-vl or torchvision layout); default: DIS")
     parser.add_argument("--raft-iterations", type=int, default=RAFT_ITERATIONS)
     parser.add_argument("--dis-preset", choices=list(DIS_PRESETS), default="medium")
     option = lambda name, kind, **extra: parser.add_argument(  # noqa: E731 - one line per node input

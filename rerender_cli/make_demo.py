@@ -43,7 +43,8 @@ def main(argv=None) -> None:
         writer.commit()
     for index, path in DEMO_KEYS.items():
         cv2.imwrite(str(path), cv2.cvtColor(paint(frames[index]), cv2.COLOR_RGB2BGR))
-    print(f"wrote {DEMO_VIDEO} ({count} frames at {reader.fps:g} fps) and {', '.join(p.name for p in DEMO_KEYS.values())}")
+    names = ", ".join(path.name for path in DEMO_KEYS.values())
+    print(f"wrote {DEMO_VIDEO} ({count} frames at {reader.fps:g} fps) and {names}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Runs the Patch Propagator's algorithm (rerender.propagate) on a video file, streamed: the video is read and written
 segment by segment (frames up to the first key, then each interval between two keys, then the frames after the last
-key), so memory holds one segment, never the clip; key frame images are read when their segment comes. The frames after the last key are a single
-pass walking away from it and are streamed frame by frame. Each segment is propagated exactly as the node
+key), so memory holds one segment, never the clip; key frame images are read when their segment comes. The frames
+after the last key are a single pass walking away from it and are streamed frame by frame. Each segment is propagated exactly as the node
 propagates the whole clip (same passes, same flow pairs, same per-frame seeds), so the output equals the node's.
 """
 import dataclasses
@@ -87,7 +87,8 @@ def flow_estimator(raft: Path = None, dis_preset: str = "medium", raft_iteration
 
 
 class Progress:
-    """One terminal line: a bar over every single-pass synthesis of the clip, seconds per frame and the ETA."""
+    """One terminal line: a bar over every single-pass synthesis of the clip ("pass frames": two per frame between
+    two keys, one outside them), seconds per synthesis and the ETA."""
 
     def __init__(self, total: int, stream=sys.stderr):
         self.total, self.done, self.stream, self.start = max(total, 1), 0, stream, time.monotonic()
@@ -99,7 +100,7 @@ class Progress:
             eta = int(each * (self.total - self.done))
             filled = int(30 * self.done / self.total)
             self.stream.write(f"\r\x1b[2Kpropagating [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
-                              f" frames  {each:.2f} s/frame  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+                              f" pass frames  {each:.2f} s each  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
             self.stream.flush()
         self.done += 1
 
