@@ -3,8 +3,9 @@
 Runs the Patch Propagator's algorithm (rerender.propagate) on a video file, streamed: the video is read and written
 segment by segment (frames up to the first key, then each interval between two keys, then the frames after the last
 key), so memory holds one segment, never the clip; key frame images are read when their segment comes. The frames
-after the last key are a single pass walking away from it and are streamed frame by frame. Each segment is propagated exactly as the node
-propagates the whole clip (same passes, same flow pairs, same per-frame seeds), so the output equals the node's.
+after the last key are a single pass walking away from it and are streamed frame by frame. Each segment is
+propagated exactly as the node propagates the whole clip (same passes, same flow pairs, same per-frame seeds), so
+the output equals the node's.
 """
 import dataclasses
 import sys
