@@ -12,6 +12,7 @@ import asyncio
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -209,11 +210,21 @@ class EmbeddedHost:
                                                  cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         self.server.last_prompt_id = prompt_id           # as the host's prompt worker sets it
         started = time.perf_counter()
+        interrupted = []
+
+        def interrupt(_signal, _frame):   # stop the running node at its next progress step, as the editor's Cancel
+            interrupted.append(True)
+            self.nodes.interrupt_processing(True)
+
+        previous = signal.signal(signal.SIGINT, interrupt)
         try:
             executor.execute(prompt, prompt_id, {"client_id": "embedded"}, outputs)
         finally:
+            signal.signal(signal.SIGINT, previous)
             progress.close()
             self.listeners.remove(progress.handle)
+        if interrupted:
+            raise KeyboardInterrupt
         ran = time.perf_counter() - started
         if not executor.success:
             failures = [data for event, data in executor.status_messages if event == "execution_error"]

@@ -2,8 +2,10 @@
 real server, frame for frame and bit for bit; the node definitions it checks `--set` against are the server's;
 a missing model names the folders searched; no host found names where it looked and COMFYUI_PATH."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,27 @@ def test_render_in_process_equals_the_same_job_queued_on_the_server(server, tmp_
     assert len(embedded_frames) == len(server_frames) == 6 and embedded_fps == server_fps
     for index, (ours, theirs) in enumerate(zip(embedded_frames, server_frames)):
         assert np.array_equal(ours, theirs), f"frame {index} differs"
+
+
+def test_ctrl_c_stops_the_embedded_run_with_130_and_writes_nothing(server, tmp_path):
+    log = tmp_path / "render.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([*LAUNCHER, "--comfy-args", f"--base-directory {server.base}", "--video",
+                                    str(server.base / "input" / "clip.mp4"), "--output", str(tmp_path / "o.mp4"),
+                                    *TINY_JOB, "--set", "Rerender_KeyframeSampler.steps=400"],
+                                   stderr=stderr, cwd=REPO_ROOT)
+    try:
+        deadline = time.time() + 600
+        while "Key Frame Sampler [" not in log.read_text():      # sampling, with hundreds of steps to go
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert log.read_text().strip().splitlines()[-1].endswith("interrupted; no output written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["render.log"]
 
 
 def test_node_definitions_are_the_servers_object_info(host, server):
