@@ -3,15 +3,43 @@
 Both the in-process fixture and the server launched by the end-to-end test go through here, so the rules for
 "which host" and "how it starts" live in one place.
 """
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+REPO_DATA = REPO_ROOT / "tests" / "data"              # the clips committed, the weights fetch_weights.py gets
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 PACK_DIR_NAME = "comfyui-rerender"
+
+
+def merged_material(first: Path, then: Path) -> Path:
+    """The test material folder: `then` alone when `first` does not exist, else a folder of links to every file of
+    both (videos/, weights/, flow/...), `first`'s where both have one. Links are only added or re-pointed, never
+    removed, so processes that build it at the same time (a test and the server it starts) agree."""
+    if not first.is_dir():
+        return then
+    merged = Path(tempfile.gettempdir()) / f"comfyui-rerender-material-{hashlib.sha1(bytes(first)).hexdigest()[:10]}"
+    for root in (then, first):
+        for source in (root.rglob("*") if root.is_dir() else ()):
+            if not source.is_file() or source.name.startswith("."):
+                continue
+            target = merged / source.relative_to(root)
+            if target.is_symlink() and Path(os.readlink(target)) == source:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged = target.with_name(f".{target.name}.{os.getpid()}")
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(source)
+            os.replace(staged, target)
+    return merged
+
+
+SHARED_DATA = merged_material(REPO_DATA, SHARED_DATA_DIR)
 
 
 def skip_or_fail(reason: str) -> None:
