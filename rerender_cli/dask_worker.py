@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from rerender import flow as flowlib
@@ -81,6 +82,9 @@ class Host:
         if not (Path(comfy_path) / "main.py").is_file():
             raise RuntimeError(f"COMFYUI_PATH={comfy_path!r} is not a ComfyUI checkout; set it before starting the "
                                "worker")
+        # Dask's nanny starts workers with OMP_NUM_THREADS=1; a ComfyUI server has torch's default, one thread per
+        # physical core, and matrix products round differently with another thread count
+        torch.set_num_threads(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
         sys.path.insert(0, comfy_path)
         sys.argv = ["main.py", *shlex.split(os.environ.get("COMFYUI_ARGS", ""))]
         import comfy.options
