@@ -53,7 +53,7 @@ def write_clip(source: Path, target: Path, frames: int) -> float:
 
 def the_prompt(args) -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / "rerender_full_pipeline.json").read_text())
-    settings = {"LoadVideo": {"file": "bench_clip.mp4"}, "ImageScale": {"width": args.size, "height": args.size},
+    settings = {"LoadVideo": {"file": "bench_clip.mp4"}, "Rerender_VideoFrames": {"longer_side": args.size},
                 "CheckpointLoaderSimple": {"ckpt_name": "sd15_random.safetensors"},
                 "ControlNetLoader": {"control_net_name": "control_random.safetensors"},
                 "Rerender_KeyframePicker": {"interval": args.interval}, "Rerender_KeyframeSampler": {"steps": args.steps}}
