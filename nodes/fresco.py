@@ -124,7 +124,8 @@ class FrescoKeyFrames(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("images", display_name="key_frames", tooltip="The rendered key frames, in key order."),
-                io.Latent.Output("latent", display_name="key_frame_latents", tooltip="Their latents (the VAE's raw space)."),
+                io.Latent.Output("latent", display_name="key_frame_latents",
+                                 tooltip="Their latents (the VAE's raw space)."),
             ],
             hidden=[io.Hidden.unique_id],
         )

@@ -108,7 +108,8 @@ class KeyframeSampler(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("images", display_name="key_frames", tooltip="The rendered key frames, anchor first."),
-                io.Latent.Output("latent", display_name="key_frame_latents", tooltip="Their latents (the VAE's raw space)."),
+                io.Latent.Output("latent", display_name="key_frame_latents",
+                                 tooltip="Their latents (the VAE's raw space)."),
             ],
             hidden=[io.Hidden.unique_id],
         )

@@ -63,9 +63,9 @@ def parse_args(argv):
     parser.add_argument("--controlnet", help="ControlNet file name in models/controlnet")
     parser.add_argument("--seed", type=int, help="sampler seed")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                        help="override any widget input; NODE is a node id, title or class that names one node; checked "
-                             "against the server's node definitions (name, type, range, options) before anything "
-                             "is queued")
+                        help="override any widget input; NODE is a node id, title or class that names one node; "
+                             "checked against the server's node definitions (name, type, range, options) before "
+                             "anything is queued")
     return parser.parse_args(argv)
 
 

@@ -187,10 +187,10 @@ def test_a_server_lost_mid_run_is_one_line_and_its_own_exit_code(host, server, t
                 for arg in ("--set", item)]
         log = tmp_path / "ours.log"
         with open(log, "w") as stderr:
-            ours = subprocess.Popen([*HEADLESS, "--server", doomed.url, "--video", str(server.base / "input" / "clip.mp4"),
-                                     "--output", str(tmp_path / "o.mp4"), "--checkpoint", "tiny_sd15.safetensors",
-                                     "--controlnet", "tiny_control.safetensors", *args], stderr=stderr, text=True,
-                                    cwd=REPO_ROOT)
+            ours = subprocess.Popen([*HEADLESS, "--server", doomed.url, "--video",
+                                     str(server.base / "input" / "clip.mp4"), "--output", str(tmp_path / "o.mp4"),
+                                     "--checkpoint", "tiny_sd15.safetensors", "--controlnet",
+                                     "tiny_control.safetensors", *args], stderr=stderr, text=True, cwd=REPO_ROOT)
         wait_until(lambda: "key frame" in log.read_text(), ours, log)
         doomed.proc.kill()
         assert ours.wait(timeout=60) == 4, log.read_text()
