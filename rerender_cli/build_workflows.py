@@ -58,6 +58,7 @@ class Workflow:
     nodes: list
     groups: dict                                     # title -> node keys, one column each, left to right
     title: str = None                                # the template card's title = the UI file's name
+    color: str = "#3f789e"                           # its groups' colour: each card's thumbnail has its own
 
     @property
     def ui_name(self) -> str:
@@ -217,6 +218,8 @@ def to_ui(workflow: Workflow, definitions: dict, titles: dict) -> dict:
                          "title": node.title or titles[node.class_type],
                          "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets})
     groups = lay_out(workflow, {n["id"]: n for n in ui_nodes}, ids)
+    for group in groups:
+        group["color"] = workflow.color
     return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
             "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
@@ -291,7 +294,7 @@ def flow_preview() -> Node:
 
 
 def video_to_video(name: str, title: str, input_video: list, save_video: dict, checkpoint: str,
-                   controlnet: str) -> Workflow:
+                   controlnet: str, color: str) -> Workflow:
     """The full Rerender pipeline: key frames, flow and canny hints, cross-frame attention, the key frame
     sampler, propagation, the video at the source frame rate."""
     return Workflow(name, input_video + [
@@ -327,7 +330,7 @@ def video_to_video(name: str, title: str, input_video: list, save_video: dict, c
                "Model and prompts": ["checkpoint", "lora", "positive", "negative", "controlnet"],
                "Key frame rendering": ["attention", "apply_controlnet", "sampler", "key_frames_preview"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title=title)
+        title=title, color=color)
 
 
 def shipped_workflows() -> list:
@@ -336,11 +339,11 @@ def shipped_workflows() -> list:
                       api_extra={"format.codec": "auto"})
     input_video = input_video_at(512)
     full = video_to_video("rerender_full_pipeline", "Rerender - video to video", input_video, save_video,
-                          "v1-5-pruned-emaonly.safetensors", "control_v11p_sd15_canny.pth")
+                          "v1-5-pruned-emaonly.safetensors", "control_v11p_sd15_canny.pth", color="#3f789e")
     # The same graph for SDXL: its checkpoint, an SDXL canny ControlNet and SDXL's native 1024x1024 frames.
     full_sdxl = video_to_video("rerender_full_pipeline_sdxl", "Rerender - SDXL video to video",
                                input_video_at(1024), save_video, "sd_xl_base_1.0.safetensors",
-                               "diffusers_xl_canny_full.safetensors")
+                               "diffusers_xl_canny_full.safetensors", color="#a1309b")
 
     propagation = Workflow("rerender_propagation_only", input_video + [
         Node("picker", "Rerender_KeyframePicker", values={"mode": "list", "index_list": "0,-1"},
@@ -361,7 +364,7 @@ def shipped_workflows() -> list:
     ], groups={"Input video": ["load", "frames"], "Key frames and flow": ["picker", "flow", "flow_preview"],
                "Your painted key frames (first and last frame)": ["first_key", "last_key", "keys"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title="Rerender - painted key frames")
+        title="Rerender - painted key frames", color="#b58b2a")
 
     img2img = Workflow("rerender_fidelity_img2img", [
         Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
@@ -378,7 +381,7 @@ def shipped_workflows() -> list:
     ], groups={"Image and model": ["image", "checkpoint"],
                "Fidelity-oriented encode and prompts": ["positive", "negative", "encode"],
                "Sample and save": ["ksampler", "decode", "save"]},
-        title="Rerender - fidelity img2img")
+        title="Rerender - fidelity img2img", color="#8A8")
     roundtrip = Workflow("rerender_fidelity_roundtrip", [
         Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
         Node("vae", "VAELoader", values={"vae_name": "taef2"}),
@@ -395,7 +398,7 @@ def shipped_workflows() -> list:
     ], groups={"Input": ["image", "vae"], "Fidelity-oriented encode": ["fidelity", "fidelity_decode", "fidelity_save"],
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
                "Key frame picker": ["picker", "indices"]},
-        title="Rerender - fidelity round trip")
+        title="Rerender - fidelity round trip", color="#8AA")
     tokenflow = Workflow("rerender_tokenflow", input_video + [
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
         prompt_node("source_prompt", "", ("checkpoint", 1), "Inversion prompt"),
@@ -417,7 +420,7 @@ def shipped_workflows() -> list:
                "Model and prompts (inversion prompt empty)": ["checkpoint", "source_prompt", "positive", "negative"],
                "DDIM inversion (check the reconstruction)": ["inversion", "reconstruction", "reconstruction_preview"],
                "TokenFlow editing and output": ["tokenflow", "decode", "create", "save"]},
-        title="Rerender - TokenFlow")
+        title="Rerender - TokenFlow", color="#b06634")
     tune_a_video = Workflow("rerender_tune_a_video", input_video + [
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
         prompt_node("source_prompt", "a jeep car is moving on the road", ("checkpoint", 1),
@@ -453,7 +456,7 @@ def shipped_workflows() -> list:
                "Edit the whole clip (CFG 12.5)": [
                    "edit_prompt", "negative", "guider", "sampler_select", "schedule", "ksampler"],
                "Output": ["decode", "create", "save"]},
-        title="Rerender - Tune-A-Video")
+        title="Rerender - Tune-A-Video", color="#88A")
     fresco = Workflow("rerender_fresco_pipeline", input_video + [
         Node("picker", "Rerender_KeyframePicker", values={"mode": "adaptive", "s_min": 5, "s_max": 20},
              links={"frames": ("frames", 0)}),
@@ -489,7 +492,7 @@ def shipped_workflows() -> list:
                "Model and prompts": ["checkpoint", "positive", "negative", "controlnet"],
                "FRESCO key frames": ["apply_controlnet", "fresco", "key_frames_preview"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title="Rerender - FRESCO")
+        title="Rerender - FRESCO", color="#A88")
     return [full, full_sdxl, propagation, img2img, roundtrip, tokenflow, tune_a_video, fresco]
 
 

@@ -419,11 +419,13 @@ def rejection_lines(body: dict, prompt: dict) -> list:
         by_message = {}
         for error in entry.get("errors", []):
             name = error.get("extra_info", {}).get("input_name", "")
-            details = str(error.get("details", ""))
-            reason = details.removeprefix(f"{name} - ") if name and details.startswith(f"{name} - ") else details
-            message = error.get("message", "")
-            text = reason if error.get("type") == "custom_validation_failed" else f"{message}: {reason}".strip(": ")
-            by_message.setdefault(text, []).append(name)
+            reason = str(error.get("details", ""))
+            for prefix in (f"{name} - ", f"{name}: "):           # the host's details start with the input's name
+                reason = reason.removeprefix(prefix) if name else reason
+            reason = "" if reason == name else reason
+            if error.get("type") != "custom_validation_failed":
+                reason = f"{error.get('message', '')}: {reason}" if reason else error.get("message", "")
+            by_message.setdefault(reason, []).append(name)
         for text, names in by_message.items():
             where = f"{title}.{names[0]}" if len(names) == 1 and names[0] else title
             lines.append(f"{where}: {text.removeprefix(f'{title}: ')}")
