@@ -53,10 +53,11 @@ def write_clip(source: Path, target: Path, frames: int) -> float:
 
 def the_prompt(args) -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / "rerender_full_pipeline.json").read_text())
-    settings = {"LoadVideo": {"file": "bench_clip.mp4"}, "ImageScale": {"width": args.size, "height": args.size},
+    settings = {"LoadVideo": {"file": "bench_clip.mp4"}, "Rerender_VideoFrames": {"longer_side": args.size},
                 "CheckpointLoaderSimple": {"ckpt_name": "sd15_random.safetensors"},
                 "ControlNetLoader": {"control_net_name": "control_random.safetensors"},
-                "Rerender_KeyframePicker": {"interval": args.interval}, "Rerender_KeyframeSampler": {"steps": args.steps}}
+                "Rerender_KeyframePicker": {"interval": args.interval},
+                "Rerender_KeyframeSampler": {"steps": args.steps}}
     for node in prompt.values():
         node["inputs"].update(settings.get(node["class_type"], {}))
     return prompt
@@ -91,7 +92,8 @@ async def timed_run(url: str, prompt: dict) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128, help="frame width and height after Upscale Image")
+    parser.add_argument("--size", type=int, default=128,
+                        help="the frames' longer side (Video Frames; the shipped clip is square)")
     parser.add_argument("--steps", type=int, default=5, help="Key Frame Sampler steps (denoise stays 0.75)")
     parser.add_argument("--interval", type=int, default=7, help="Key Frame Picker interval")
     parser.add_argument("--unet", choices=["sd15", "test"], default="sd15",

@@ -31,7 +31,7 @@ SCHEDULING_CODE = ["rerender_cli/scale_out.py", "rerender_cli/dask_worker.py"]
 
 
 def job(args, clip: Path, output: Path, *where) -> float:
-    sets = [f"ImageScale.width={args.size}", f"ImageScale.height={args.size}",
+    sets = [f"Video Frames.longer_side={args.size}",
             f"Rerender_KeyframePicker.interval={args.interval}", f"Rerender_KeyframeSampler.steps={args.steps}"]
     command = [*HEADLESS, *where, "--video", str(clip), "--output", str(output),
                "--checkpoint", "sd15_random.safetensors", "--controlnet", "control_random.safetensors",

@@ -2,8 +2,8 @@
 from comfy_api.latest import io
 
 from ..rerender.adain import adain, channel_stats
+from .categories import RERENDER_A_VIDEO as CATEGORY
 
-CATEGORY = "Rerender"
 
 
 class AdaINLatent(io.ComfyNode):
@@ -22,7 +22,7 @@ class AdaINLatent(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="0 leaves the latent unchanged, 1 matches the statistics exactly."),
             ],
-            outputs=[io.Latent.Output("adjusted", display_name="LATENT",
+            outputs=[io.Latent.Output("adjusted", display_name="adjusted_latent",
                                       tooltip="The adjusted latents (other latent fields passed through).")],
         )
 

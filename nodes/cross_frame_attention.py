@@ -2,8 +2,8 @@
 from comfy_api.latest import io
 
 from ..engine.cross_frame_attention import LAYER_SETS, NODE_NAME, with_cross_frame_attention
+from .categories import RERENDER_A_VIDEO as CATEGORY
 
-CATEGORY = "Rerender"
 
 
 class CrossFrameAttentionNode(io.ComfyNode):

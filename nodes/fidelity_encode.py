@@ -3,8 +3,8 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..engine.vae import fidelity_encode_batch
+from .categories import RERENDER_A_VIDEO as CATEGORY
 
-CATEGORY = "Rerender"
 
 
 class FidelityEncode(io.ComfyNode):
@@ -29,7 +29,7 @@ class FidelityEncode(io.ComfyNode):
                                        "on the reference's [-1, 1] image scale (0.25 ≈ 32/255)."),
             ],
             outputs=[
-                io.Latent.Output("latent", display_name="LATENT", tooltip="The compensated latent."),
+                io.Latent.Output("latent", display_name="latent", tooltip="The compensated latent."),
                 io.Mask.Output("rejected", display_name="rejected_mask",
                                tooltip="Latent cells (at latent resolution) where compensation was rejected: 1 = "
                                        "plain encoding kept there."),

@@ -7,8 +7,8 @@ from ..engine.flow import ESTIMATE_MODES, estimate_flow, raft_patcher
 from ..rerender import flow as flowlib
 from .keyframe_picker import frame_size_note
 from .types import VideoFlow
+from .categories import SHARED as CATEGORY
 
-CATEGORY = "Rerender"
 OpticalFlowModel = io.Custom("OPTICAL_FLOW")  # the host's flow *model* (core "Load Optical Flow Model")
 
 

@@ -9,12 +9,12 @@ import server
 from comfy_api.latest import io, ui
 
 from ..rerender.fresco import optimize as fo
-from ..engine.fresco import NODE_NAME, FrescoRenderer, FrescoSettings, validate_settings
+from ..engine.fresco import NODE_NAME, FrescoRenderer, FrescoSettings
 from .keyframe_sampler import PROGRESS_EVENT, period_inputs
 from .types import KeyFrames, VideoFlow
-from .validation import outside_declared
+from .validation import sampler_refusal
+from .categories import FRESCO as CATEGORY
 
-CATEGORY = "Rerender"
 DEFAULTS = FrescoSettings()
 SD15_UP_BLOCK_INPUTS_512 = ((1280, 8, 8), (1280, 16, 16), (1280, 32, 32), (640, 64, 64))
 
@@ -137,25 +137,18 @@ class FrescoKeyFrames(io.ComfyNode):
                                        "for the paper's rate)."),
             ],
             outputs=[
-                io.Image.Output("images", display_name="IMAGE", tooltip="The rendered key frames, in key order."),
-                io.Latent.Output("latent", display_name="LATENT", tooltip="Their latents (the VAE's raw space)."),
+                io.Image.Output("images", display_name="key_frames", tooltip="The rendered key frames, in key order."),
+                io.Latent.Output("latent", display_name="key_frame_latents",
+                                 tooltip="Their latents (the VAE's raw space)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, **inputs):
-        """Queue-time refusal of what the widget values alone rule out."""
-        problem = outside_declared(cls, **inputs)
-        if problem is not None:
-            return f"{NODE_NAME}: {problem}."
-        needed = {f"{p}_{e}" for p, _ in PERIOD_INPUTS for e in ("start", "end")} | {
-            "seed", "steps", "denoise", "sampler_name", "scheduler", "batch_size", "spatial_guided_steps",
-            "iterations", "learning_rate"}
-        if not needed <= inputs.keys():
-            return True  # linked widgets: checked again when the node runs
-        problem = validate_settings(settings_from(inputs))
-        return True if problem is None else problem
+    def validate_inputs(cls, sampler_name=None):
+        """Queue-time refusal of a sampler FRESCO cannot steer, on `sampler_name` alone (as the Key Frame Sampler:
+        the host checks the other widgets against their declared ranges; the node checks all of them when it runs)."""
+        return sampler_refusal(sampler_name, NODE_NAME)
 
     @classmethod
     def execute(cls, model, positive, negative, vae, frames, keyframes, flow=None, mask=None,

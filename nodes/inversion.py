@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..engine.inversion import DEFAULT_BATCH, DEFAULT_INVERSION_STEPS, NODE_NAME, invert_clip, inverted_noise
 from .types import Inversion
+from .categories import SHARED as CATEGORY
 
-CATEGORY = "Rerender"
 
 
 class VideoInversion(io.ComfyNode):

@@ -7,8 +7,8 @@ from ..rerender.keyframes import (DEFAULT_CUT_THRESHOLD, adaptive_keyframes, che
                                   parse_index_list, uniform_keyframes)
 from .types import KeyFrames
 from .validation import outside_declared
+from .categories import SHARED as CATEGORY
 
-CATEGORY = "Rerender"
 MODES = ["uniform", "adaptive", "list"]
 # SD-family VAEs work on multiples of 8 pixels (taef2: 16); the picker is the first node to see the frames.
 LATENT_SCALE = 8
@@ -87,18 +87,15 @@ class KeyframePicker(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, s_min, s_max, index_list, cut_threshold=None):
-        """The checks that need no frames, at queue time (POST /prompt), for the chosen mode only."""
-        problem = outside_declared(cls, s_min=s_min, s_max=s_max, cut_threshold=cut_threshold)
-        if problem is not None:
-            return problem
-        if mode == "adaptive" and s_min > s_max:
-            return f"s_min ({s_min}) is larger than s_max ({s_max}); set s_min <= s_max."
-        if mode == "list":
-            try:
-                check_index_list(index_list)
-            except ValueError as error:
-                return str(error)
+    def validate_inputs(cls, index_list=None):
+        """At queue time (POST /prompt), the syntax of `index_list` in any mode, on that input alone; the host checks
+        the other widgets against their declared ranges, and s_min <= s_max (two inputs) is checked when it runs."""
+        if index_list is None:
+            return True  # linked: checked when the node runs
+        try:
+            check_index_list(index_list)
+        except ValueError as error:
+            return str(error)
         return True
 
     @classmethod

@@ -1,5 +1,4 @@
 """Structure-guided key frame sampler node: Rerender's key frame translation with any host sampler."""
-import dataclasses
 import logging
 
 import comfy.samplers
@@ -9,11 +8,11 @@ import server
 from comfy_api.latest import io, ui
 
 from ..engine.cross_frame_attention import missing_attention_note
-from ..engine.rerender_a_video import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo, validate_settings
+from ..engine.rerender_a_video import NODE_NAME, KeyframeRenderer, KeyframeSettings, StepInfo
 from .types import KeyFrames, VideoFlow
-from .validation import outside_declared
+from .validation import sampler_refusal
+from .categories import RERENDER_A_VIDEO as CATEGORY
 
-CATEGORY = "Rerender"
 PROGRESS_EVENT = "rerender.keyframe_progress"
 DEFAULTS = KeyframeSettings()
 
@@ -108,28 +107,19 @@ class KeyframeSampler(io.ComfyNode):
                                 tooltip="Flow of these frames (Rerender Flow); needed by the fusion constraints."),
             ],
             outputs=[
-                io.Image.Output("images", display_name="IMAGE", tooltip="The rendered key frames, anchor first."),
-                io.Latent.Output("latent", display_name="LATENT", tooltip="Their latents (the VAE's raw space)."),
+                io.Image.Output("images", display_name="key_frames", tooltip="The rendered key frames, anchor first."),
+                io.Latent.Output("latent", display_name="key_frame_latents",
+                                 tooltip="Their latents (the VAE's raw space)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, **inputs):
-        """Queue-time refusal of what the widget values alone rule out (a refused sampler, a bad period)."""
-        problem = outside_declared(cls, **inputs)
-        if problem is not None:
-            return f"{NODE_NAME}: {problem}."
-        names = ("shape_fusion", "pixel_fusion", "adain")
-        if any(f"{n}_{e}" not in inputs for n in names for e in ("start", "end")) or any(
-                k not in inputs for k in ("seed", "steps", "denoise", "sampler_name", "scheduler")):
-            return True  # linked widgets: checked again when the node runs
-        fields = {f.name for f in dataclasses.fields(KeyframeSettings)}
-        values = {k: v for k, v in inputs.items() if k in fields}
-        for n, field in zip(names, ("shape_period", "pixel_period", "adain_period")):
-            values[field] = (inputs[f"{n}_start"], inputs[f"{n}_end"])
-        problem = validate_settings(dataclasses.replace(DEFAULTS, **values))
-        return True if problem is None else problem
+    def validate_inputs(cls, sampler_name=None):
+        """Queue-time refusal of a sampler the constraints cannot steer. It takes `sampler_name` alone because the
+        host reports a failed check once on every input the function takes, and checks the others itself against
+        their declared ranges and options; the node checks everything again when it runs (linked widgets)."""
+        return sampler_refusal(sampler_name, NODE_NAME)
 
     @classmethod
     def execute(cls, model, positive, negative, vae, frames, keyframes, seed, steps, cfg, sampler_name, scheduler,

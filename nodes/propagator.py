@@ -7,8 +7,8 @@ from comfy_api.latest import io
 from ..rerender import propagate
 from .types import KeyFrames, VideoFlow
 from .validation import outside_declared
+from .categories import SHARED as CATEGORY
 
-CATEGORY = "Rerender"
 DEFAULTS = propagate.PropagationSettings()
 
 
@@ -80,9 +80,10 @@ class PatchPropagator(io.ComfyNode):
                                      "fixed between runs so an unchanged graph is not propagated again)."),
             ],
             outputs=[
-                io.Image.Output("video", display_name="video",
-                                tooltip="The whole video: key frames exactly as given, every other frame "
-                                        "propagated from its neighbouring key frames."),
+                io.Image.Output("video", display_name="frames",
+                                tooltip="Every frame of the video, as an image batch: key frames exactly as given, "
+                                        "every other frame propagated from its neighbouring key frames. Create "
+                                        "Video turns it into a VIDEO for Save Video."),
             ],
         )
 

@@ -7,9 +7,8 @@ from comfy_api.latest import io
 
 from ..engine.tokenflow import NODE_NAME, SUPPORTED_SAMPLERS, TokenFlowSettings, sample_tokenflow
 from .types import Inversion
-from .validation import outside_declared
+from .categories import TOKENFLOW as CATEGORY
 
-CATEGORY = "Rerender"
 
 
 class TokenFlowSampler(io.ComfyNode):
@@ -59,17 +58,9 @@ class TokenFlowSampler(io.ComfyNode):
                 io.Int.Input("chunk_size", default=d.chunk_size, min=1, max=64,
                              tooltip="Frames per chunk: one key frame per chunk; memory follows one chunk."),
             ],
-            outputs=[io.Latent.Output("latent", display_name="LATENT", tooltip="Every frame's edited latent.")],
+            outputs=[io.Latent.Output("latent", display_name="latents", tooltip="Every frame's edited latent.")],
             hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def validate_inputs(cls, sampler_name=None, **kwargs):
-        if sampler_name is not None and sampler_name not in SUPPORTED_SAMPLERS:
-            return (f"{NODE_NAME}: sampler '{sampler_name}' is not supported; use one of "
-                    f"{', '.join(SUPPORTED_SAMPLERS)}.")
-        problem = outside_declared(cls, sampler_name=sampler_name, **kwargs)
-        return True if problem is None else f"{NODE_NAME}: {problem}."
 
     @classmethod
     def execute(cls, model, positive, negative, inversion, seed, steps, cfg, sampler_name, scheduler, denoise,

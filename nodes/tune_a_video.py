@@ -3,12 +3,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..engine.tune_a_video import (FOLDER, NODE_NAME, PRECISIONS, apply_tuned, check_tuning, load_tuned, save_tuned,
+from ..engine.tune_a_video import (FOLDER, PRECISIONS, apply_tuned, load_tuned, save_tuned,
                                    tune_on_clip)
 from .types import LossMap, TunedVideo
-from .validation import outside_declared
+from .categories import TUNE_A_VIDEO as CATEGORY
 
-CATEGORY = "Rerender"
 
 
 class TuneAVideo(io.ComfyNode):
@@ -62,20 +61,11 @@ class TuneAVideo(io.ComfyNode):
                 TunedVideo.Output(display_name="tuned", tooltip="The tuned parameters (for Save Tune-A-Video)."),
                 LossMap.Output(display_name="loss_map", tooltip="Training loss per step (the host's Plot Loss Graph "
                                                                 "draws it)."),
-                io.Latent.Output(display_name="clip", tooltip="The tuned frames' latents (frame_count at "
+                io.Latent.Output(display_name="clip_latents", tooltip="The tuned frames' latents (frame_count at "
                                                               "frame_stride): invert these, or sample from them."),
             ],
             hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def validate_inputs(cls, steps=1, frame_count=2, frame_stride=1, learning_rate=3e-5, **others):
-        problem = check_tuning(steps, frame_count, frame_stride, learning_rate)
-        if problem is None:
-            declared = outside_declared(cls, steps=steps, frame_count=frame_count, frame_stride=frame_stride,
-                                        learning_rate=learning_rate, **others)
-            problem = None if declared is None else f"{NODE_NAME}: {declared}."
-        return True if problem is None else problem
 
     @classmethod
     def execute(cls, model, positive, frames=None, vae=None, latent=None, frame_count=24, frame_stride=2,

@@ -3,9 +3,12 @@
 A V3 node's `validate_inputs` runs at `POST /prompt`, before anything executes, so a bad widget value is refused
 before any upstream work. The host skips its own min/max and combo checks for every input that `validate_inputs`
 takes by name, and for all inputs when it takes **kwargs (execution.py, validate_inputs); `outside_declared`
-restores them for those inputs.
+restores them for those inputs. It also attaches a failed check to every input the function takes, so each
+node's `validate_inputs` takes only the input its check is about: the problem is then reported once, on that input.
 """
-from typing import Optional
+from typing import Optional, Union
+
+from ..engine.sampling import refusal
 
 
 def outside_declared(node_cls, **values) -> Optional[str]:
@@ -32,3 +35,8 @@ def outside_declared(node_cls, **values) -> Optional[str]:
         if "max" in options and value > options["max"]:
             return f"`{name}` is {value}, above its maximum {options['max']}"
     return None
+
+
+def sampler_refusal(sampler_name: Optional[str], node_name: str) -> Union[bool, str]:
+    """A node's `validate_inputs` answer for its `sampler_name` (None when linked: checked when the node runs)."""
+    return (None if sampler_name is None else refusal(sampler_name, node_name)) or True

@@ -49,6 +49,7 @@ class Node:
     bypass: bool = False                             # UI only: a bypassed node is left out of the API twin
     ui_widgets: list = None                          # UI widget values where the frontend stores more than inputs
     api_extra: dict = field(default_factory=dict)    # API-only inputs (nested dynamic inputs)
+    title: str = None                                # the node's title where its class's name would be ambiguous
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Workflow:
     nodes: list
     groups: dict                                     # title -> node keys, one column each, left to right
     title: str = None                                # the template card's title = the UI file's name
+    color: str = "#3f789e"                           # its groups' colour: each card's thumbnail has its own
 
     @property
     def ui_name(self) -> str:
@@ -171,7 +173,7 @@ def to_api(workflow: Workflow, definitions: dict, titles: dict) -> dict:
                 inputs[name] = fed
         inputs.update(node.api_extra)
         prompt[ids[node.key]] = {"class_type": node.class_type, "inputs": inputs,
-                                 "_meta": {"title": titles[node.class_type]}}
+                                 "_meta": {"title": node.title or titles[node.class_type]}}
     return prompt
 
 
@@ -213,9 +215,11 @@ def to_ui(workflow: Workflow, definitions: dict, titles: dict) -> dict:
         ui_nodes.append({"id": ids[node.key], "type": node.class_type, "pos": [0, 0],
                          "size": [NODE_WIDTH, node_height(node, definition, inputs, outputs)], "flags": {},
                          "order": order, "mode": 4 if node.bypass else 0, "inputs": inputs, "outputs": outputs,
-                         "title": titles[node.class_type],
+                         "title": node.title or titles[node.class_type],
                          "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets})
     groups = lay_out(workflow, {n["id"]: n for n in ui_nodes}, ids)
+    for group in groups:
+        group["color"] = workflow.color
     return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
             "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
@@ -266,32 +270,44 @@ def by_key(workflow: Workflow, key: str) -> Node:
 
 
 def input_video_at(size: int) -> list:
-    """Load Video, its frames and frame rate, the frames scaled (center crop) to size x size."""
+    """Load Video and Video Frames: a frame range decoded alone, the longer side at `size`, the aspect ratio kept."""
     return [
         Node("load", "LoadVideo", values={"file": "input.mp4"}, ui_widgets=["input.mp4", "image"]),
-        Node("components", "GetVideoComponents", links={"video": ("load", 0)}),
-        Node("scale", "ImageScale", values={"width": size, "height": size, "crop": "center"},
-             links={"image": ("components", 0)}),
+        Node("frames", "Rerender_VideoFrames", values={"longer_side": size}, links={"video": ("load", 0)}),
     ]
 
 
+def prompt_node(key: str, text: str, clip: tuple, title: str) -> Node:
+    """A text encoder with its own title, so that a title names one node (run_headless --set, the editor)."""
+    return Node(key, "CLIPTextEncode", values={"text": text}, links={"clip": clip}, title=title)
+
+
+def key_frames_preview(key_frames: tuple) -> Node:
+    """The rendered key frames, shown as soon as they are done, so that the style can be judged before the
+    propagation finishes."""
+    return Node("key_frames_preview", "PreviewImage", links={"images": key_frames}, title="Key frames preview")
+
+
+def flow_preview() -> Node:
+    """The colour-coded flow of the Flow Estimation node (key `flow`): a glance tells whether it follows the motion."""
+    return Node("flow_preview", "PreviewImage", links={"images": ("flow", 1)}, title="Flow preview")
+
+
 def video_to_video(name: str, title: str, input_video: list, save_video: dict, checkpoint: str,
-                   controlnet: str) -> Workflow:
+                   controlnet: str, color: str) -> Workflow:
     """The full Rerender pipeline: key frames, flow and canny hints, cross-frame attention, the key frame
     sampler, propagation, the video at the source frame rate."""
     return Workflow(name, input_video + [
-        Node("picker", "Rerender_KeyframePicker", links={"frames": ("scale", 0)}),
-        Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
-        Node("canny", "Canny", links={"image": ("scale", 0)}),
+        Node("picker", "Rerender_KeyframePicker", links={"frames": ("frames", 0)}),
+        Node("flow", "Rerender_FlowEstimation", links={"frames": ("frames", 0)}),
+        Node("canny", "Canny", links={"image": ("frames", 0)}),
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": checkpoint}),
         Node("lora", "LoraLoader", bypass=True,
              links={"model": ("checkpoint", 0), "clip": ("checkpoint", 1)}),
-        Node("positive", "CLIPTextEncode", values={"text": "a beautiful oil painting, best quality, "
-                                                                          "extremely detailed"},
-             links={"clip": ("lora", 1)}),
-        Node("negative", "CLIPTextEncode", values={"text": "longbody, lowres, bad anatomy, bad hands, "
-                                                                          "missing fingers, cropped, worst quality"},
-             links={"clip": ("lora", 1)}),
+        prompt_node("positive", "a beautiful oil painting, best quality, extremely detailed", ("lora", 1),
+                    "Positive prompt"),
+        prompt_node("negative", "longbody, lowres, bad anatomy, bad hands, missing fingers, cropped, worst quality",
+                    ("lora", 1), "Negative prompt"),
         Node("controlnet", "ControlNetLoader", values={"control_net_name": controlnet}),
         Node("apply_controlnet", "ControlNetApplyAdvanced",
              values={"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
@@ -300,19 +316,21 @@ def video_to_video(name: str, title: str, input_video: list, save_video: dict, c
         Node("attention", "Rerender_CrossFrameAttention", links={"model": ("lora", 0)}),
         Node("sampler", "Rerender_KeyframeSampler",
              links={"model": ("attention", 0), "positive": ("apply_controlnet", 0),
-                    "negative": ("apply_controlnet", 1), "vae": ("checkpoint", 2), "frames": ("scale", 0),
+                    "negative": ("apply_controlnet", 1), "vae": ("checkpoint", 2), "frames": ("frames", 0),
                     "keyframes": ("picker", 1), "flow": ("flow", 0)}),
         Node("propagator", "Rerender_PatchPropagator",
-             links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("sampler", 0),
+             links={"frames": ("frames", 0), "keyframes": ("picker", 1), "key_frame_images": ("sampler", 0),
                     "flow": ("flow", 0)}),
-        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("components", 2)}),
+        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("frames", 1)}),
         Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
-    ], groups={"Input video": ["load", "components", "scale"],
-               "Key frames, flow and control hints": ["picker", "flow", "canny"],
+        key_frames_preview(("sampler", 0)),
+        flow_preview(),
+    ], groups={"Input video": ["load", "frames"],
+               "Key frames, flow and control hints": ["picker", "flow", "canny", "flow_preview"],
                "Model and prompts": ["checkpoint", "lora", "positive", "negative", "controlnet"],
-               "Key frame rendering": ["attention", "apply_controlnet", "sampler"],
+               "Key frame rendering": ["attention", "apply_controlnet", "sampler", "key_frames_preview"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title=title)
+        title=title, color=color)
 
 
 def shipped_workflows() -> list:
@@ -321,16 +339,16 @@ def shipped_workflows() -> list:
                       api_extra={"format.codec": "auto"})
     input_video = input_video_at(512)
     full = video_to_video("rerender_full_pipeline", "Rerender - video to video", input_video, save_video,
-                          "v1-5-pruned-emaonly.safetensors", "control_v11p_sd15_canny.pth")
+                          "v1-5-pruned-emaonly.safetensors", "control_v11p_sd15_canny.pth", color="#3f789e")
     # The same graph for SDXL: its checkpoint, an SDXL canny ControlNet and SDXL's native 1024x1024 frames.
     full_sdxl = video_to_video("rerender_full_pipeline_sdxl", "Rerender - SDXL video to video",
                                input_video_at(1024), save_video, "sd_xl_base_1.0.safetensors",
-                               "diffusers_xl_canny_full.safetensors")
+                               "diffusers_xl_canny_full.safetensors", color="#a1309b")
 
     propagation = Workflow("rerender_propagation_only", input_video + [
         Node("picker", "Rerender_KeyframePicker", values={"mode": "list", "index_list": "0,-1"},
-             links={"frames": ("scale", 0)}),
-        Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
+             links={"frames": ("frames", 0)}),
+        Node("flow", "Rerender_FlowEstimation", links={"frames": ("frames", 0)}),
         Node("first_key", "LoadImage", values={"image": "key_first.png"},
              ui_widgets=["key_first.png", "image"]),
         Node("last_key", "LoadImage", values={"image": "key_last.png"},
@@ -338,22 +356,21 @@ def shipped_workflows() -> list:
         Node("keys", "BatchImagesNode",
              links={"images.image0": ("first_key", 0), "images.image1": ("last_key", 0)}),
         Node("propagator", "Rerender_PatchPropagator",
-             links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("keys", 0),
+             links={"frames": ("frames", 0), "keyframes": ("picker", 1), "key_frame_images": ("keys", 0),
                     "flow": ("flow", 0)}),
-        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("components", 2)}),
+        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("frames", 1)}),
         Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
-    ], groups={"Input video": ["load", "components", "scale"], "Key frames and flow": ["picker", "flow"],
+        flow_preview(),
+    ], groups={"Input video": ["load", "frames"], "Key frames and flow": ["picker", "flow", "flow_preview"],
                "Your painted key frames (first and last frame)": ["first_key", "last_key", "keys"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title="Rerender - painted key frames")
+        title="Rerender - painted key frames", color="#b58b2a")
 
     img2img = Workflow("rerender_fidelity_img2img", [
         Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-        Node("positive", "CLIPTextEncode", values={"text": "a watercolor painting, best quality"},
-             links={"clip": ("checkpoint", 1)}),
-        Node("negative", "CLIPTextEncode", values={"text": "lowres, worst quality"},
-             links={"clip": ("checkpoint", 1)}),
+        prompt_node("positive", "a watercolor painting, best quality", ("checkpoint", 1), "Positive prompt"),
+        prompt_node("negative", "lowres, worst quality", ("checkpoint", 1), "Negative prompt"),
         Node("encode", "Rerender_FidelityEncode", links={"pixels": ("image", 0), "vae": ("checkpoint", 2)}),
         Node("ksampler", "KSampler", values={"denoise": 0.6},
              links={"model": ("checkpoint", 0), "positive": ("positive", 0), "negative": ("negative", 0),
@@ -364,7 +381,7 @@ def shipped_workflows() -> list:
     ], groups={"Image and model": ["image", "checkpoint"],
                "Fidelity-oriented encode and prompts": ["positive", "negative", "encode"],
                "Sample and save": ["ksampler", "decode", "save"]},
-        title="Rerender - fidelity img2img")
+        title="Rerender - fidelity img2img", color="#8A8")
     roundtrip = Workflow("rerender_fidelity_roundtrip", [
         Node("image", "LoadImage", values={"image": "example.png"}, ui_widgets=["example.png", "image"]),
         Node("vae", "VAELoader", values={"vae_name": "taef2"}),
@@ -381,16 +398,15 @@ def shipped_workflows() -> list:
     ], groups={"Input": ["image", "vae"], "Fidelity-oriented encode": ["fidelity", "fidelity_decode", "fidelity_save"],
                "Plain encode, for comparison": ["plain", "plain_decode", "plain_save"],
                "Key frame picker": ["picker", "indices"]},
-        title="Rerender - fidelity round trip")
+        title="Rerender - fidelity round trip", color="#8AA")
     tokenflow = Workflow("rerender_tokenflow", input_video + [
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-        Node("source_prompt", "CLIPTextEncode", values={"text": ""}, links={"clip": ("checkpoint", 1)}),
-        Node("positive", "CLIPTextEncode", values={"text": "a marble sculpture, best quality"},
-             links={"clip": ("checkpoint", 1)}),
-        Node("negative", "CLIPTextEncode",
-             values={"text": "ugly, blurry, low res, unrealistic, unaesthetic"}, links={"clip": ("checkpoint", 1)}),
+        prompt_node("source_prompt", "", ("checkpoint", 1), "Inversion prompt"),
+        prompt_node("positive", "a marble sculpture, best quality", ("checkpoint", 1), "Positive prompt"),
+        prompt_node("negative", "ugly, blurry, low res, unrealistic, unaesthetic", ("checkpoint", 1),
+                    "Negative prompt"),
         Node("inversion", "Rerender_Inversion",
-             links={"model": ("checkpoint", 0), "conditioning": ("source_prompt", 0), "frames": ("scale", 0),
+             links={"model": ("checkpoint", 0), "conditioning": ("source_prompt", 0), "frames": ("frames", 0),
                     "vae": ("checkpoint", 2)}),
         Node("reconstruction", "VAEDecode", links={"samples": ("inversion", 1), "vae": ("checkpoint", 2)}),
         Node("reconstruction_preview", "PreviewImage", links={"images": ("reconstruction", 0)}),
@@ -398,25 +414,24 @@ def shipped_workflows() -> list:
              links={"model": ("checkpoint", 0), "positive": ("positive", 0), "negative": ("negative", 0),
                     "inversion": ("inversion", 0)}),
         Node("decode", "VAEDecode", links={"samples": ("tokenflow", 0), "vae": ("checkpoint", 2)}),
-        Node("create", "CreateVideo", links={"images": ("decode", 0), "fps": ("components", 2)}),
+        Node("create", "CreateVideo", links={"images": ("decode", 0), "fps": ("frames", 1)}),
         Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
-    ], groups={"Input video": ["load", "components", "scale"],
+    ], groups={"Input video": ["load", "frames"],
                "Model and prompts (inversion prompt empty)": ["checkpoint", "source_prompt", "positive", "negative"],
                "DDIM inversion (check the reconstruction)": ["inversion", "reconstruction", "reconstruction_preview"],
                "TokenFlow editing and output": ["tokenflow", "decode", "create", "save"]},
-        title="Rerender - TokenFlow")
+        title="Rerender - TokenFlow", color="#b06634")
     tune_a_video = Workflow("rerender_tune_a_video", input_video + [
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-        Node("source_prompt", "CLIPTextEncode", values={"text": "a jeep car is moving on the road"},
-             links={"clip": ("checkpoint", 1)}),
-        Node("encode", "VAEEncode", links={"pixels": ("scale", 0), "vae": ("checkpoint", 2)}),
+        prompt_node("source_prompt", "a jeep car is moving on the road", ("checkpoint", 1),
+                    "Source prompt (what the clip shows)"),
+        Node("encode", "VAEEncode", links={"pixels": ("frames", 0), "vae": ("checkpoint", 2)}),
         Node("tune", "Rerender_TuneAVideo",
              links={"model": ("checkpoint", 0), "positive": ("source_prompt", 0), "latent": ("encode", 0)}),
         Node("save_tuned", "Rerender_TuneAVideoSave", links={"tuned": ("tune", 1)}),
-        Node("edit_prompt", "CLIPTextEncode", values={"text": "a jeep car is moving on the beach"},
-             links={"clip": ("checkpoint", 1)}),
-        Node("negative", "CLIPTextEncode", values={"text": ""}, links={"clip": ("checkpoint", 1)}),
-        Node("empty_prompt", "CLIPTextEncode", values={"text": ""}, links={"clip": ("checkpoint", 1)}),
+        prompt_node("edit_prompt", "a jeep car is moving on the beach", ("checkpoint", 1), "Positive prompt"),
+        prompt_node("negative", "", ("checkpoint", 1), "Negative prompt"),
+        prompt_node("empty_prompt", "", ("checkpoint", 1), "Inversion prompt"),
         Node("invert", "Rerender_Inversion",
              values={"steps": 50, "sampler_name": "ddim", "scheduler": "ddim_uniform", "inversion_steps": 50,
                      "batch_size": 24},
@@ -433,7 +448,7 @@ def shipped_workflows() -> list:
         Node("decode", "VAEDecode", links={"samples": ("ksampler", 0), "vae": ("checkpoint", 2)}),
         Node("create", "CreateVideo", values={"fps": 8.0}, links={"images": ("decode", 0)}),
         Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
-    ], groups={"Input video": ["load", "components", "scale"],
+    ], groups={"Input video": ["load", "frames"],
                "One-shot tuning on the clip": ["checkpoint", "source_prompt", "encode", "tune",
                                                                "save_tuned"],
                "Invert with the tuned model (no CFG)": ["empty_prompt", "invert",
@@ -441,22 +456,20 @@ def shipped_workflows() -> list:
                "Edit the whole clip (CFG 12.5)": [
                    "edit_prompt", "negative", "guider", "sampler_select", "schedule", "ksampler"],
                "Output": ["decode", "create", "save"]},
-        title="Rerender - Tune-A-Video")
+        title="Rerender - Tune-A-Video", color="#88A")
     fresco = Workflow("rerender_fresco_pipeline", input_video + [
         Node("picker", "Rerender_KeyframePicker", values={"mode": "adaptive", "s_min": 5, "s_max": 20},
-             links={"frames": ("scale", 0)}),
-        Node("flow", "Rerender_FlowEstimation", links={"frames": ("scale", 0)}),
-        Node("canny", "Canny", links={"image": ("scale", 0)}),
+             links={"frames": ("frames", 0)}),
+        Node("flow", "Rerender_FlowEstimation", links={"frames": ("frames", 0)}),
+        Node("canny", "Canny", links={"image": ("frames", 0)}),
         Node("background_model", "LoadBackgroundRemovalModel", bypass=True),
         Node("foreground", "RemoveBackground", bypass=True,
-             links={"bg_removal_model": ("background_model", 0), "image": ("scale", 0)}),
+             links={"bg_removal_model": ("background_model", 0), "image": ("frames", 0)}),
         Node("checkpoint", "CheckpointLoaderSimple", values={"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-        Node("positive", "CLIPTextEncode", values={"text": "a beautiful oil painting, best quality, "
-                                                           "extremely detailed"},
-             links={"clip": ("checkpoint", 1)}),
-        Node("negative", "CLIPTextEncode", values={"text": "longbody, lowres, bad anatomy, bad hands, "
-                                                           "missing fingers, cropped, worst quality"},
-             links={"clip": ("checkpoint", 1)}),
+        prompt_node("positive", "a beautiful oil painting, best quality, extremely detailed", ("checkpoint", 1),
+                    "Positive prompt"),
+        prompt_node("negative", "longbody, lowres, bad anatomy, bad hands, missing fingers, cropped, worst quality",
+                    ("checkpoint", 1), "Negative prompt"),
         Node("controlnet", "ControlNetLoader", values={"control_net_name": "control_v11p_sd15_canny.pth"}),
         Node("apply_controlnet", "ControlNetApplyAdvanced",
              values={"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
@@ -464,20 +477,22 @@ def shipped_workflows() -> list:
                     "image": ("canny", 0), "vae": ("checkpoint", 2)}),
         Node("fresco", "Rerender_FrescoKeyFrames",
              links={"model": ("checkpoint", 0), "positive": ("apply_controlnet", 0),
-                    "negative": ("apply_controlnet", 1), "vae": ("checkpoint", 2), "frames": ("scale", 0),
+                    "negative": ("apply_controlnet", 1), "vae": ("checkpoint", 2), "frames": ("frames", 0),
                     "keyframes": ("picker", 1), "flow": ("flow", 0), "mask": ("foreground", 0)}),
         Node("propagator", "Rerender_PatchPropagator",
-             links={"frames": ("scale", 0), "keyframes": ("picker", 1), "key_frame_images": ("fresco", 0),
+             links={"frames": ("frames", 0), "keyframes": ("picker", 1), "key_frame_images": ("fresco", 0),
                     "flow": ("flow", 0)}),
-        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("components", 2)}),
+        Node("create", "CreateVideo", links={"images": ("propagator", 0), "fps": ("frames", 1)}),
         Node("save", "SaveVideo", links={"video": ("create", 0)}, **save_video),
-    ], groups={"Input video": ["load", "components", "scale"],
-               "Key frames (adaptive), flow, hints": ["picker", "flow", "canny"],
+        key_frames_preview(("fresco", 0)),
+        flow_preview(),
+    ], groups={"Input video": ["load", "frames"],
+               "Key frames (adaptive), flow, hints": ["picker", "flow", "canny", "flow_preview"],
                "Foreground mask (bypassed: needs a model)": ["background_model", "foreground"],
                "Model and prompts": ["checkpoint", "positive", "negative", "controlnet"],
-               "FRESCO key frames": ["apply_controlnet", "fresco"],
+               "FRESCO key frames": ["apply_controlnet", "fresco", "key_frames_preview"],
                "Propagation and output": ["propagator", "create", "save"]},
-        title="Rerender - FRESCO")
+        title="Rerender - FRESCO", color="#A88")
     return [full, full_sdxl, propagation, img2img, roundtrip, tokenflow, tune_a_video, fresco]
 
 

@@ -15,10 +15,35 @@ def test_pack_loads_through_the_host_loader(host):
     assert all(node_id.startswith("Rerender_") for node_id in host.pack_node_ids)
 
 
+# One sub-category per method, and one for the stages they share (a flat "Rerender" held all of them before).
+NODE_CATEGORIES = {
+    **dict.fromkeys(["Rerender_KeyframeSampler", "Rerender_CrossFrameAttention", "Rerender_FidelityEncode",
+                     "Rerender_AdaINLatent"], "Rerender/Rerender-A-Video"),
+    "Rerender_FrescoKeyFrames": "Rerender/FRESCO",
+    "Rerender_TokenFlowSampler": "Rerender/TokenFlow",
+    **dict.fromkeys(["Rerender_TuneAVideo", "Rerender_TuneAVideoSave", "Rerender_TuneAVideoLoad"],
+                    "Rerender/Tune-A-Video"),
+    **dict.fromkeys(["Rerender_VideoFrames", "Rerender_KeyframePicker", "Rerender_FlowEstimation",
+                     "Rerender_RAFTLoader", "Rerender_PatchPropagator", "Rerender_Inversion",
+                     "Rerender_InvertedNoise"], "Rerender/Shared"),
+}
+# Output names that say what they carry (ids unchanged: links are by slot, saved workflows load).
+OUTPUT_NAMES = {"Rerender_PatchPropagator": ["frames"], "Rerender_KeyframeSampler": ["key_frames", "key_frame_latents"],
+                "Rerender_FrescoKeyFrames": ["key_frames", "key_frame_latents"],
+                "Rerender_TuneAVideo": ["model", "tuned", "loss_map", "clip_latents"],
+                "Rerender_TokenFlowSampler": ["latents"], "Rerender_AdaINLatent": ["adjusted_latent"]}
+
+
+def test_nodes_sit_in_their_methods_category_with_outputs_named_by_content(host):
+    assert sorted(NODE_CATEGORIES) == host.pack_node_ids
+    for node_id, names in OUTPUT_NAMES.items():
+        assert list(host.nodes.NODE_CLASS_MAPPINGS[node_id].RETURN_NAMES) == names, node_id
+
+
 def test_every_input_and_output_has_a_tooltip(host):
     for node_id in host.pack_node_ids:
         info = host.nodes.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()
-        assert info["category"] == "Rerender", node_id
+        assert info["category"] == NODE_CATEGORIES[node_id], node_id
         for section in ("required", "optional"):
             for name, spec in info["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"

@@ -1,9 +1,13 @@
 """What the nodes tell a user on the node (through their ui output) and in the log: the sampler says when its
 model has no Cross-Frame Attention, the shipped defaults log no warning, the picker names a frame size the VAE
-cannot take, and widget-only mistakes on the picker are refused at queue time."""
+cannot take, and widget-only mistakes are refused at queue time, each once, on the input at fault."""
+import json
 import logging
 
+import pytest
 import torch
+
+from host_compat import REPO_ROOT
 
 from test_keyframe_sampler_host import SIZE, clip, run_sampler, zero_flow
 from tiny_models import tiny_sd15
@@ -37,9 +41,12 @@ def test_the_shipped_defaults_log_no_warning(host, caplog):
     with caplog.at_level(logging.INFO):
         run_sampler(host, patched, frames, flow=zero_flow(host, frames), **defaults)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    # the note stays on the node and in the log, as information
+    # no advice to change the shipped settings, on the node or in the log
+    assert not any("raise denoise" in line or "no effect" in line for line in report_lines(host))
+    assert not any("shape-aware fusion" in r.getMessage() for r in caplog.records)
+    # a shape-aware period the user moved and the denoise hides is still named
+    run_sampler(host, patched, frames, flow=zero_flow(host, frames), **dict(defaults, shape_fusion_end=0.15))
     assert any(line.startswith("shape-aware fusion") and "no effect" in line for line in report_lines(host))
-    assert any("shape-aware fusion" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
 def test_the_picker_names_a_frame_size_the_vae_cannot_take(host):
@@ -51,18 +58,46 @@ def test_the_picker_names_a_frame_size_the_vae_cannot_take(host):
     assert host.last_ui["rerender_notes"] == []
 
 
-def test_picker_mistakes_are_refused_at_queue_time(server):
+def picker_prompt(**change) -> dict:
     base = {"mode": "uniform", "interval": 10, "include_last": True, "s_min": 5, "s_max": 20,
             "index_list": "0:-1:10,-1"}
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": "rerender_example.png"}},
+            "2": {"class_type": "Rerender_KeyframePicker", "inputs": dict(base, frames=["1", 0], **change)},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}}
+
+
+def test_picker_mistakes_are_refused_at_queue_time(server):
     history_before = server.history_ids()
-    for change, expected in [({"mode": "adaptive", "s_min": 9, "s_max": 3}, "s_min (9) is larger than s_max (3)"),
-                             ({"mode": "list", "index_list": "0,2:y"}, "'y' in '2:y' is not an integer"),
+    for change, expected in [({"mode": "list", "index_list": "0,2:y"}, "'y' in '2:y' is not an integer"),
                              ({"mode": "list", "index_list": "0:5:0"}, "the step in '0:5:0' must be positive")]:
-        prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "rerender_example.png"}},
-                  "2": {"class_type": "Rerender_KeyframePicker", "inputs": dict(base, frames=["1", 0], **change)},
-                  "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}}
-        status, body = server.post_json("/prompt", {"prompt": prompt, "client_id": "picker-test"})
+        status, body = server.post_json("/prompt", {"prompt": picker_prompt(**change), "client_id": "picker-test"})
         assert status == 400, body
-        details = [error["details"] for error in body["node_errors"]["2"]["errors"]]
-        assert any(expected in detail for detail in details), details
+        (error,) = body["node_errors"]["2"]["errors"]
+        assert error["extra_info"]["input_name"] == "index_list" and expected in error["details"], error
     assert server.queued_ids() == ([], []) and server.history_ids() == history_before
+
+
+def test_two_mistakes_are_two_errors_each_on_its_input(server):
+    """A refused sampler and a bad index list: two errors from POST /prompt, on sampler_name and index_list alone
+    (the host repeats a validate_inputs message once per input the function takes: 31 errors before)."""
+    from test_workflows_host import for_tiny_models
+    prompt = for_tiny_models(json.loads((REPO_ROOT / "workflows" / "api" / "rerender_full_pipeline.json").read_text()))
+    picker, = [nid for nid, node in prompt.items() if node["class_type"] == "Rerender_KeyframePicker"]
+    sampler, = [nid for nid, node in prompt.items() if node["class_type"] == "Rerender_KeyframeSampler"]
+    prompt[picker]["inputs"].update(mode="list", index_list="0,2:y")
+    prompt[sampler]["inputs"]["sampler_name"] = "dpm_fast"
+    save, = [nid for nid, node in prompt.items() if node["class_type"] == "SaveVideo"]
+    # the video as the only target, or the host would run the flow preview, whose inputs are fine
+    status, body = server.post_json("/prompt", {"prompt": prompt, "client_id": "two-mistakes",
+                                                "partial_execution_targets": [save]})
+    assert status == 400, body
+    errors = [(nid, error["extra_info"]["input_name"]) for nid, entry in body["node_errors"].items()
+              for error in entry["errors"]]
+    assert sorted(errors) == sorted([(picker, "index_list"), (sampler, "sampler_name")]), errors
+
+
+def test_s_min_above_s_max_is_refused_when_the_picker_runs(host):
+    frames = torch.rand(4, SIZE, SIZE, 3)
+    defaults = schema_defaults(host, "Rerender_KeyframePicker")
+    with pytest.raises(ValueError, match=r"s_min \(9\) is larger than s_max \(3\)"):
+        host.run_node("Rerender_KeyframePicker", frames=frames, **dict(defaults, mode="adaptive", s_min=9, s_max=3))

@@ -36,7 +36,7 @@ def node_inputs(host, frames, indices=(0, 3, 5), key_images=None, **overrides):
 def test_node_is_registered_with_tooltips(host):
     assert NODE in host.nodes.NODE_CLASS_MAPPINGS
     schema = host.nodes.NODE_CLASS_MAPPINGS[NODE].define_schema()
-    assert schema.category == "Rerender"
+    assert schema.category == "Rerender/Shared"
     for socket in list(schema.inputs) + list(schema.outputs):
         assert socket.tooltip, f"{socket.id} has no tooltip"
 

@@ -106,4 +106,4 @@ def test_the_stages_split_the_workflow_at_patch_propagator():
     classes = lambda stage: sorted(node["class_type"] for node in stage.values())  # noqa: E731
     assert "Rerender_KeyframeSampler" in classes(pipeline.key_stage())
     assert not {"Rerender_PatchPropagator", "CreateVideo", "SaveVideo"} & set(classes(pipeline.key_stage()))
-    assert classes(pipeline.video_stage()) == ["CreateVideo", "GetVideoComponents", "LoadVideo", "SaveVideo"]
+    assert classes(pipeline.video_stage()) == ["CreateVideo", "LoadVideo", "Rerender_VideoFrames", "SaveVideo"]

@@ -25,7 +25,7 @@ from test_workflows_host import HEADLESS
 
 # 11 frames, a key frame every 4th without the last: keys 0, 4, 8 -> intervals 0-4, 4-8 and the frames after 8.
 FRAMES, FPS, SIZE, INTERVAL = 11, 10, 48, 4
-SETS = [f"ImageScale.width={SIZE}", f"ImageScale.height={SIZE}", f"Rerender_KeyframePicker.interval={INTERVAL}",
+SETS = [f"Video Frames.longer_side={SIZE}", f"Rerender_KeyframePicker.interval={INTERVAL}",
         "Rerender_KeyframePicker.include_last=false", "Rerender_KeyframeSampler.steps=2",
         "Rerender_PatchPropagator.search_vote_iters=3", "Rerender_PatchPropagator.patchmatch_iters=2",
         "Rerender_PatchPropagator.seed=7"]

@@ -16,7 +16,7 @@ def test_server_starts_with_the_pack_and_lists_its_nodes(server):
     assert PACK_DIR_NAME in log  # the loader's import-times list names every pack it loaded
     for node_id in ("Rerender_KeyframePicker", "Rerender_FidelityEncode", "Rerender_AdaINLatent"):
         node = info[node_id]
-        assert node["category"] == "Rerender"
+        assert node["category"].startswith("Rerender/")
         for name, spec in node["input"]["required"].items():
             assert spec[1].get("tooltip"), f"{node_id}.{name}"
         assert all(node["output_tooltips"])

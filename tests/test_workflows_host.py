@@ -16,7 +16,7 @@ HEADLESS = [sys.executable, "-m", "rerender_cli.run_headless"]   # run with cwd=
 # The shipped defaults name real models and 512x512 frames; these make the same graphs cheap on a CPU.
 TINY_OVERRIDES = {
     "LoadVideo": {"file": "clip.mp4"},
-    "ImageScale": {"width": 64, "height": 64},
+    "Rerender_VideoFrames": {"longer_side": 64},
     "CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
     "ControlNetLoader": {"control_net_name": "tiny_control.safetensors"},
     "Rerender_KeyframePicker": {"interval": 3},
@@ -28,13 +28,16 @@ TINY_OVERRIDES = {
     "BasicScheduler": {"steps": 3},
     "Rerender_FrescoKeyFrames": {"steps": 3, "iterations": 2},
 }
-HEADLESS_SETS = {"rerender_full_pipeline": ["ImageScale.width=64", "ImageScale.height=64",
+HEADLESS_SETS = {"rerender_full_pipeline": ["Video Frames.longer_side=64",
                                             "Rerender_KeyframePicker.interval=3", "Rerender_KeyframeSampler.steps=3"],
-                 "rerender_fresco_pipeline": ["ImageScale.width=64", "ImageScale.height=64",
+                 "rerender_fresco_pipeline": ["Video Frames.longer_side=64",
                                               "Rerender_KeyframePicker.s_min=2", "Rerender_KeyframePicker.s_max=3",
                                               "Rerender_FrescoKeyFrames.steps=3",
                                               "Rerender_FrescoKeyFrames.iterations=2"]}
 HEADLESS_PROGRESS = {"rerender_full_pipeline": "key frame", "rerender_fresco_pipeline": "batch 1/1"}
+# A line of the key frame node's own report (what the editor shows on it), as the runner prints it.
+HEADLESS_REPORT = {"rerender_full_pipeline": "Key Frame Sampler: 3 key frames;",
+                   "rerender_fresco_pipeline": "FRESCO Key Frames: FRESCO-guided attention on"}
 
 
 def for_tiny_models(prompt: dict) -> dict:
@@ -99,7 +102,11 @@ def test_headless_command_writes_the_video(server, tmp_path, name):
     assert done.returncode == 0, done.stderr[-3000:]
     frames, fps = video_frames_and_fps(output)
     assert frames == CLIP_FRAMES and fps == pytest.approx(CLIP_FPS, abs=0.01)
-    assert HEADLESS_PROGRESS[name] in done.stderr  # the terminal progress line showed the key frames / batches
+    assert HEADLESS_PROGRESS[name] in done.stderr  # the progress line showed the key frames / batches
+    # not a terminal: plain lines, with times, and the nodes' own reports (what the editor shows on them)
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
+    assert "elapsed" in done.stderr and "ETA" in done.stderr
+    assert any(line.startswith(HEADLESS_REPORT[name]) for line in done.stderr.splitlines()), done.stderr[-3000:]
 
 
 def test_headless_command_explains_a_missing_server(tmp_path, shared_data):
@@ -127,3 +134,35 @@ def test_tune_a_video_workflow_tunes_saves_and_samples_the_clip(server):
     frames, _ = video_frames_and_fps(video)
     assert frames == len(range(0, CLIP_FRAMES, 2))   # the tuned frames: every 2nd (reference stride)
     assert list((server.base / "models" / "tune_a_video").rglob("*.safetensors"))
+
+
+def api_workflows() -> dict:
+    return {path.stem: json.loads(path.read_text()) for path in sorted((WORKFLOWS / "api").glob("*.json"))}
+
+
+def fed_by(prompt: dict, class_type: str, source: str, slot: int) -> list:
+    return [nid for nid, node in prompt.items() if node["class_type"] == class_type
+            and any(link == [source, slot] for link in node["inputs"].values())]
+
+
+def test_prompt_nodes_have_titles_of_their_own():
+    """A title names one node (run_headless --set "Negative prompt.text=..."; two nodes titled "CLIP Text Encode
+    (Prompt)" before)."""
+    for name, prompt in api_workflows().items():
+        titles = [node["_meta"]["title"] for node in prompt.values() if node["class_type"] == "CLIPTextEncode"]
+        assert len(titles) == len(set(titles)), (name, titles)
+        assert not titles or {"Positive prompt", "Negative prompt"} <= set(titles), (name, titles)
+
+
+def test_video_workflows_limit_the_frames_keep_the_aspect_and_preview_key_frames_and_flow():
+    for name, prompt in api_workflows().items():
+        loads = [nid for nid, node in prompt.items() if node["class_type"] == "LoadVideo"]
+        if not loads:
+            continue
+        assert not [node for node in prompt.values() if node["class_type"] in ("ImageScale", "GetVideoComponents")]
+        assert fed_by(prompt, "Rerender_VideoFrames", loads[0], 0), name
+        for nid, node in prompt.items():
+            if node["class_type"] in ("Rerender_KeyframeSampler", "Rerender_FrescoKeyFrames"):
+                assert fed_by(prompt, "PreviewImage", nid, 0), (name, "key frames preview")
+            if node["class_type"] == "Rerender_FlowEstimation":
+                assert fed_by(prompt, "PreviewImage", nid, 1), (name, "flow preview")

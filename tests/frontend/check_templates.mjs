@@ -18,7 +18,8 @@ const browser = await chromium.launch({
 });
 const report = { cards: [], thumbnails: {}, thumbnailsServed: [], opened: {}, status: {} };
 try {
-    const page = await browser.newPage({ viewport: { width: 900, height: 900 } });
+    // wide like the graphs, so that the fitted graph fills the picture (the card shows its middle)
+    const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
     page.on("response", (response) => {
         const path = decodeURIComponent(new URL(response.url()).pathname);
         if (path.startsWith(`/api/workflow_templates/${packName}/`) && path.endsWith(".jpg") && response.ok()) {
@@ -28,10 +29,12 @@ try {
     await page.goto(url, { waitUntil: "load", timeout: 120000 });
     await page.waitForFunction(() => window.app?.graph && window.LiteGraph, null, { timeout: 120000 });
     await page.waitForTimeout(1500);
-    await page.evaluate(async () => {       // thumbnails: draw node contents even when the graph is zoomed out
-        try {
-            await window.app.extensionManager.setting.set("LiteGraph.Canvas.LowQualityRenderingZoomThreshold", 0.1);
-        } catch {}
+    await page.evaluate(async () => {       // thumbnails: the graph alone, its node contents drawn when zoomed out
+        const settings = { "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1, "Comfy.Graph.CanvasInfo": false,
+            "Comfy.Graph.CanvasMenu": false, "Comfy.Minimap.Visible": false };
+        for (const [id, value] of Object.entries(settings)) {
+            try { await window.app.extensionManager.setting.set(id, value); } catch {}
+        }
     });
 
     async function openPackTemplates() {
@@ -67,8 +70,13 @@ try {
             .catch(() => {});
         await page.waitForTimeout(1000);
         report.opened[name] = await page.evaluate(() => window.app.graph._nodes.length);
+        await page.keyboard.press("Escape");  // a "missing models" dialog: the thumbnail shows the graph alone
         await page.evaluate(() => window.app.extensionManager.command.execute("Workspace.ToggleFocusMode"));
         await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+        await page.evaluate(() => {        // no red rings: the model files are missing here, not on a user's disk
+            for (const node of window.app.graph._nodes) node.has_errors = false;
+            window.app.canvas.setDirty(true, true);
+        });
         await page.waitForTimeout(800);
         await page.screenshot({ path: join(thumbnailDir, `${name}.jpg`), type: "jpeg", quality: 70 });
         await page.evaluate(() => window.app.extensionManager.command.execute("Workspace.ToggleFocusMode"));

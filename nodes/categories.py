@@ -1,0 +1,6 @@
+"""The editor's node menu: one sub-category per method, and one for the stages every method shares."""
+RERENDER_A_VIDEO = "Rerender/Rerender-A-Video"
+FRESCO = "Rerender/FRESCO"
+TOKENFLOW = "Rerender/TokenFlow"
+TUNE_A_VIDEO = "Rerender/Tune-A-Video"
+SHARED = "Rerender/Shared"
