@@ -311,8 +311,8 @@ def main():
     parser.add_argument("--no-ours", action="store_true", help="only the anchors (warp, EbSynth)")
     parser.add_argument("--telea", action="store_true", help="also run ours with the reference's TELEA hole fill")
     parser.add_argument("--poisson", action="store_true", help="also run ours with the Poisson fusion on")
-    parser.add_argument("--previous", action="store_true",
-                        help="also run ours as before issue 25 (no scale search, no coverage in the blend weights)")
+    parser.add_argument("--scale-search", action="store_true",
+                        help="also run ours with the key searched at the scale read off the flow (scale_search)")
     parser.add_argument("--summary", action="store_true", help="leave out the per-frame PSNR/SSIM lines")
     parser.add_argument("--save", action="store_true", help="write our frames to bench/out/")
     args = parser.parse_args()
@@ -326,8 +326,8 @@ def main():
         args.variants.append(("ours-telea", propagate.PropagationSettings(hole_fill="telea")))
     if args.poisson:
         args.variants.append(("ours-ps", propagate.PropagationSettings(poisson=True)))
-    if args.previous:
-        args.variants.append(("ours-prev", propagate.PropagationSettings(scale_search=False, coverage_weights=False)))
+    if args.scale_search:
+        args.variants.append(("ours-scale", propagate.PropagationSettings(scale_search=True)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"{args.busy} busy processes beside, EbSynth: {args.ebsynth or 'not found'}")
     with BusyMachine(args.busy, args.busy_seconds):

@@ -33,7 +33,7 @@ def test_flow_scale_recovers_a_known_zoom_and_ignores_filled_pixels():
 
 
 def test_search_scales_add_the_rescaled_key_only_past_the_threshold():
-    settings = propagate.PropagationSettings()
+    settings = propagate.PropagationSettings(scale_search=True)
     assert propagate.search_scales(1.03, settings) == [1.0]
     assert propagate.search_scales(1 / 1.03, settings) == [1.0]
     assert propagate.search_scales(1.3, settings) == [1.0, 1.3]
@@ -103,7 +103,8 @@ def test_searching_the_rescaled_key_beats_the_key_alone_on_a_zoom():
     fast = dict(search_vote_iters=4, patchmatch_iters=3, coverage_weights=False)  # the search alone
     plain = propagate.propagate_video(frames, keys, styles[keys], flows,
                                       propagate.PropagationSettings(scale_search=False, **fast))
-    scaled = propagate.propagate_video(frames, keys, styles[keys], flows, propagate.PropagationSettings(**fast))
+    scaled = propagate.propagate_video(frames, keys, styles[keys], flows,
+                                       propagate.PropagationSettings(scale_search=True, **fast))
     middle = range(2, count - 2)  # scale 1.17..1.36 from the nearer key; measured gain 0.96 dB
     gain = sum(psnr(scaled[t], styles[t]) - psnr(plain[t], styles[t]) for t in middle) / len(middle)
     assert gain > 0.5, f"mean gain {gain:.2f} dB over frames {list(middle)}"
