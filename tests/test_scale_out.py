@@ -88,10 +88,15 @@ def test_the_cluster_tasks_of_every_interval_equal_the_whole_clip_node_settings(
         assert np.array_equal(alone, whole[part.propagated].numpy()), part.label
 
 
+NODE_OF = {node["class_type"]: nid for nid, node in WORKFLOW.items()}
+FLOW, PROPAGATOR = NODE_OF["Rerender_FlowEstimation"], NODE_OF["Rerender_PatchPropagator"]
+CHECKPOINT, VIDEO_FRAMES = NODE_OF["CheckpointLoaderSimple"], NODE_OF["Rerender_VideoFrames"]
+
+
 @pytest.mark.parametrize("change, expected", [
-    (lambda p: p["5"]["inputs"].update(optical_flow=["7", 0]), "disconnect Flow Estimation's optical_flow"),
-    (lambda p: p["15"]["inputs"].update(seed=["4", 0]), "Patch Propagator's seed must be values"),
-    (lambda p: p["15"]["inputs"].update(keyframes=["3", 0]), "must come straight from a Key Frame Picker"),
+    (lambda p: p[FLOW]["inputs"].update(optical_flow=[CHECKPOINT, 0]), "disconnect Flow Estimation's optical_flow"),
+    (lambda p: p[PROPAGATOR]["inputs"].update(seed=[VIDEO_FRAMES, 0]), "Patch Propagator's seed must be values"),
+    (lambda p: p[PROPAGATOR]["inputs"].update(keyframes=[VIDEO_FRAMES, 0]), "must come straight from a Key Frame Picker"),
 ])
 def test_a_workflow_the_cluster_cannot_cut_is_refused(change, expected):
     prompt = copy.deepcopy(WORKFLOW)
