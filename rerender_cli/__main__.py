@@ -10,9 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import INTERRUPTED_EXIT, UserError
 
-INTERRUPTED_EXIT = 130
 
 
 def add_propagate(subparsers) -> None:

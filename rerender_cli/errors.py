@@ -1,4 +1,6 @@
-"""The one exception the programs share, so that no program imports another for it."""
+"""The one exception and the exit codes the programs share, so that no program imports another for them."""
+
+INTERRUPTED_EXIT = 130   # 128 + SIGINT: Ctrl-C
 
 
 class UserError(Exception):

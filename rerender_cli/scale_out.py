@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from . import run_headless as headless
-from .errors import UserError
+from .errors import INTERRUPTED_EXIT, UserError
 
 PROPAGATOR, PICKER, FLOW = "Rerender_PatchPropagator", "Rerender_KeyframePicker", "Rerender_FlowEstimation"
 PROPAGATOR_LINKS = ("frames", "keyframes", "key_frame_images", "flow")
@@ -313,7 +313,7 @@ def run(args, prompt: dict):
         data = job.run()
     except KeyboardInterrupt:
         job.cancel()
-        raise UserError("interrupted; the job's tasks were cancelled on the cluster", headless.INTERRUPTED_EXIT)
+        raise UserError("interrupted; the job's tasks were cancelled on the cluster", INTERRUPTED_EXIT)
     except UserError:
         job.cancel()
         raise
