@@ -33,7 +33,7 @@ from ..rerender.rerender_a_video import keyframe_constraints as constraints
 from ..rerender.evaluation_plan import Evaluation
 from .control_hints import conditioning_for_frames
 from .rerender_a_video import CountingVAE, RenderStats, Schedule, check_render_inputs
-from .sampling import SteeringHooks, refusal, steered_sampler
+from .sampling import SteeringHooks, schedule_refusal, steered_sampler
 
 NODE_NAME = "FRESCO Key Frames"
 MiB = 2 ** 20
@@ -77,20 +77,13 @@ def validate_settings(s: FrescoSettings) -> Optional[str]:
     if s.batch_size < fresco.MIN_BATCH_SIZE:
         return (f"{NODE_NAME}: `batch_size` must be at least {fresco.MIN_BATCH_SIZE} (two shared anchors and one new "
                 f"key frame per batch), got {s.batch_size}.")
-    if s.steps < 1 or not 0.0 < s.denoise <= 1.0:
-        return f"{NODE_NAME}: need steps >= 1 and 0 < denoise <= 1 (got {s.steps}, {s.denoise})."
     if s.spatial_guided_steps < 0 or s.iterations < 0:
         return f"{NODE_NAME}: `spatial_guided_steps` and `iterations` must be >= 0."
     if s.learning_rate <= 0:
         return f"{NODE_NAME}: `learning_rate` must be positive, got {s.learning_rate}."
     if s.loss_form not in fo.LOSS_FORMS:
         return f"{NODE_NAME}: `loss_form` must be one of {', '.join(fo.LOSS_FORMS)}, got {s.loss_form!r}."
-    problem = refusal(s.sampler_name, NODE_NAME)
-    if problem:
-        return problem
-    if s.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        return f"{NODE_NAME}: unknown scheduler {s.scheduler!r}."
-    return None
+    return schedule_refusal(s.steps, s.denoise, s.sampler_name, s.scheduler, NODE_NAME)
 
 
 def plan_shot_batches(keyframes, batch_size: int) -> List[Tuple[int, fresco.KeyFrameBatch]]:

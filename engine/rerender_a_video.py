@@ -34,7 +34,7 @@ from ..rerender.fidelity import fidelity_encode
 from .control_hints import check_control_hints, conditioning_for_frames
 from .cross_frame_attention import find_cross_frame_attention
 from .vae import check_vae_size
-from .sampling import SteeringHooks, refusal, steered_sampler
+from .sampling import SteeringHooks, schedule_refusal, steered_sampler
 
 NODE_NAME = "Key Frame Sampler"
 
@@ -514,11 +514,4 @@ def validate_settings(s: KeyframeSettings) -> Optional[str]:
     for name, value in (("mask_strength", s.mask_strength), ("inner_strength", s.inner_strength)):
         if not 0.0 <= value <= 1.0:
             return f"{NODE_NAME}: `{name}` must be in [0, 1], got {value}."
-    if s.steps < 1 or not 0.0 < s.denoise <= 1.0:
-        return f"{NODE_NAME}: need steps >= 1 and 0 < denoise <= 1 (got {s.steps}, {s.denoise})."
-    problem = refusal(s.sampler_name, NODE_NAME)
-    if problem:
-        return problem
-    if s.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        return f"{NODE_NAME}: unknown scheduler {s.scheduler!r}."
-    return None
+    return schedule_refusal(s.steps, s.denoise, s.sampler_name, s.scheduler, NODE_NAME)

@@ -48,6 +48,19 @@ def refusal(sampler_name: str, node_name: str) -> Optional[str]:
     return None
 
 
+
+def schedule_refusal(steps: int, denoise: float, sampler_name: str, scheduler: str, node_name: str) -> Optional[str]:
+    """The error text for a schedule a steered pass cannot run (steps, denoise, sampler, scheduler), else None."""
+    if steps < 1 or not 0.0 < denoise <= 1.0:
+        return f"{node_name}: need steps >= 1 and 0 < denoise <= 1 (got {steps}, {denoise})."
+    problem = refusal(sampler_name, node_name)
+    if problem:
+        return problem
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        return f"{node_name}: unknown scheduler {scheduler!r}."
+    return None
+
+
 class SteeringHooks:
     """What a pass does at its evaluations; every method may be left as is. `plan` is set before the run;
     `x0_edit_rule` (one of X0_EDIT_RULES, see the module doc) says how an edit `after` returns reaches the state."""
