@@ -29,7 +29,7 @@ from host_server import HostServer  # noqa: E402
 
 LAUNCHER = [sys.executable, str(TESTS / "launch_cli.py"), "render"]
 JOB = ["--checkpoint", "tiny_sd15.safetensors", "--controlnet", "tiny_control.safetensors", "--prompt", "a sketch",
-       "--set", "ImageScale.width=64", "--set", "ImageScale.height=64", "--set", "Rerender_KeyframePicker.interval=3",
+       "--set", "Video Frames.longer_side=64", "--set", "Rerender_KeyframePicker.interval=3",
        "--set", "Rerender_KeyframeSampler.steps=3"]
 
 

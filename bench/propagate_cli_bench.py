@@ -60,12 +60,11 @@ def child_memory(minutes: float, width: int, height: int, interval: int, tail: i
         block = BLOCK_SECONDS * FPS
         propagated = {index for start in range(0, count - tail, block) for index in range(start + 1, start + interval)}
         propagated |= set(range(count - tail, count))
-        keys = []
-        for index in range(count):
-            if index not in propagated:
-                path = folder / f"{index:06d}.png"
-                cv2.imwrite(str(path), 255 - loop[index % len(loop)])    # RGB inverted is still an inversion
-                keys.append((index, path))
+        paintings = []          # one file per frame of the loop, shared by its repeats: 1080p keys fit on disk
+        for position, frame in enumerate(loop):
+            paintings.append(folder / f"{position:06d}.png")
+            cv2.imwrite(str(paintings[-1]), 255 - frame)    # RGB inverted is still an inversion
+        keys = [(index, paintings[index % len(loop)]) for index in range(count) if index not in propagated]
         settings = propagate.PropagationSettings(search_vote_iters=2, patchmatch_iters=1)
         start = time.perf_counter()
         propagate_video.propagate_file(folder / "clip.mkv", keys, folder / "out.mkv", settings, show_progress=False)
