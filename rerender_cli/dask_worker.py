@@ -186,9 +186,10 @@ def check_workflow(prompt: dict, video_name: str, video: bytes) -> str:
     comfy = host()
     comfy.put_input(video_name, video)
     try:
-        check_against_server(prompt, comfy.object_info({node["class_type"] for node in prompt.values()}))
+        check_against_server(prompt, comfy.object_info({node["class_type"] for node in prompt.values()}),
+                             host="this worker")
     except UserError as error:
-        return str(error).replace("on the server", "on this worker").replace("the server", "this worker")
+        return str(error)
     return comfy.validate(prompt)
 
 

@@ -73,7 +73,7 @@ def run(args) -> Path:
     run_headless.set_input(prompt, "LoadVideo", "file", host.add_input(args.video))
     object_info = host.object_info()                 # the video is now one of LoadVideo's options
     host.check_model_files(prompt, object_info)
-    run_headless.check_against_server(prompt, object_info)
+    run_headless.check_against_server(prompt, object_info, host=f"the host at {host_path}")
     return host.render(prompt, args.output)
 
 
@@ -87,6 +87,17 @@ def headless_argv(args) -> list:
     return argv + [arg for item in args.set for arg in ("--set", item)]
 
 
+def pack_paths() -> list:
+    """Where this pack sits, symlinks kept: a clone linked into custom_nodes/ resolves elsewhere, so the path the
+    user is in ($PWD, which the kernel's cwd loses) and this file's unresolved path come before the real one."""
+    paths = []
+    pwd = os.environ.get("PWD")
+    if pwd and Path(pwd).resolve() == REPO_ROOT:
+        paths.append(Path(pwd))
+    paths += [Path(__file__).absolute().parents[1], REPO_ROOT]
+    return list(dict.fromkeys(paths))
+
+
 def find_host() -> Path:
     """$COMFYUI_PATH, else the ComfyUI checkout this pack sits in (ComfyUI/custom_nodes/<pack>)."""
     def is_comfyui(path: Path) -> bool:
@@ -98,8 +109,9 @@ def find_host() -> Path:
             return Path(env).expanduser().resolve()
         raise UserError(f"no ComfyUI host found: COMFYUI_PATH={env} is not a ComfyUI checkout (no main.py and "
                         f"nodes.py); point it at one, or use --server HOST:PORT", 3)
-    if REPO_ROOT.parent.name == "custom_nodes" and is_comfyui(REPO_ROOT.parent.parent):
-        return REPO_ROOT.parent.parent
+    for pack in pack_paths():
+        if pack.parent.name == "custom_nodes" and is_comfyui(pack.parent.parent):
+            return pack.parent.parent
     raise UserError(f"no ComfyUI host found: COMFYUI_PATH is not set and {REPO_ROOT} is not inside "
                     f"ComfyUI/custom_nodes/ (it is in {REPO_ROOT.parent}); set COMFYUI_PATH "
                     f"to a ComfyUI checkout, or use --server HOST:PORT", 3)

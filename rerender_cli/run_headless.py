@@ -208,14 +208,15 @@ def apply_overrides(prompt: dict, args, object_info: dict) -> None:
     apply_sets(prompt, args.set, object_info)
 
 
-def check_against_server(prompt: dict, object_info: dict, uploading=frozenset()) -> None:
+def check_against_server(prompt: dict, object_info: dict, uploading=frozenset(), host: str = "the server") -> None:
     """Missing node types, model files and combo values, named, before anything is uploaded or runs on the server.
-    `uploading`: the (node id, input) pairs whose file is not uploaded yet."""
+    `uploading`: the (node id, input) pairs whose file is not uploaded yet; `host`: where the workflow runs, as the
+    messages name it (the server, the embedded host, a worker)."""
     for nid, node in prompt.items():
         title = node_title(prompt, nid)
         info = object_info.get(node["class_type"])
         if info is None:
-            raise UserError(f"node type '{node['class_type']}' ({title}) is not installed on the server; install "
+            raise UserError(f"node type '{node['class_type']}' ({title}) is not installed on {host}; install "
                             "the pack that provides it and restart ComfyUI", 3)
         specs = input_specs(info, node["inputs"])
         for name, value in node["inputs"].items():
@@ -223,7 +224,7 @@ def check_against_server(prompt: dict, object_info: dict, uploading=frozenset())
             if options is None or isinstance(value, list) or value in options or (nid, name) in uploading:
                 continue
             if name in MODEL_FOLDERS:
-                raise UserError(f"model file '{value}' ({title}.{name}) is not on the server; put it in "
+                raise UserError(f"model file '{value}' ({title}.{name}) is not on {host}; put it in "
                                 f"ComfyUI/models/{MODEL_FOLDERS[name]} or choose one of: "
                                 f"{', '.join(map(str, options[:8])) or 'none available'}", 3)
             raise UserError(f"'{value}' is not a valid {title}.{name}; choose one of: "

@@ -47,6 +47,7 @@ class HostServer:
                     return self
             except OSError:
                 if time.time() > deadline:
+                    self.stop()                       # a server that never listened must not outlive the test
                     raise RuntimeError(f"ComfyUI did not listen within {STARTUP_TIMEOUT_S}s:\n{self.log()[-3000:]}")
                 time.sleep(1)
 
