@@ -20,12 +20,20 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", paddi
     n, _, h, w = x.shape
     if flow.shape[-2:] != (h, w):
         raise ValueError(f"flow is {tuple(flow.shape[-2:])} but the tensor to warp is {(h, w)}")
-    coords = _base_grid(h, w, x.device, torch.float32) + flow.to(x.device, torch.float32)
-    gx = 2.0 * coords[:, 0] / max(w - 1, 1) - 1.0
-    gy = 2.0 * coords[:, 1] / max(h - 1, 1) - 1.0
-    grid = torch.stack((gx, gy), dim=-1).expand(n, h, w, 2)
+    grid = sampling_grid(flow, x.device).expand(n, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return out.to(x.dtype)
+
+
+def sampling_grid(flow: torch.Tensor, device=None) -> torch.Tensor:
+    """The normalised `grid_sample` grid [N,H,W,2] (align_corners=True) sampling at p + flow(p): `flow_warp`'s,
+    for callers that warp many tensors along the same flow and make it once."""
+    h, w = flow.shape[-2:]
+    device = flow.device if device is None else device
+    coords = _base_grid(h, w, device, torch.float32) + flow.to(device, torch.float32)
+    gx = 2.0 * coords[:, 0] / max(w - 1, 1) - 1.0
+    gy = 2.0 * coords[:, 1] / max(h - 1, 1) - 1.0
+    return torch.stack((gx, gy), dim=-1)
 
 
 def resize_flow(flow: torch.Tensor, size: tuple) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CyclicFlows
-from ..warp import flow_warp
+from ..warp import sampling_grid
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,61 @@ DEFAULT_FORM = "code"
 ITERATIONS = 20         # code: 20 closure steps (paper K = 20)
 LEARNING_RATE = 0.2     # code (paper: 0.4)
 FLOAT_BYTES = 4
+NORMALIZE_EPS = 1e-12   # F.normalize's
 GRAM_FORMS = ("auto", "tokens", "channels")
 GRAM_DISTANCES = ("l1", "squared")
 
 
 def normalized_tokens(features: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> [B, h*w, C], each token vector scaled to unit length."""
-    return F.normalize(features.float().flatten(2).transpose(1, 2), dim=-1)
+    return F.normalize(features.float().flatten(2).transpose(1, 2), dim=-1, eps=NORMALIZE_EPS)
+
+
+class _TokenGramDistance(torch.autograd.Function):
+    """mean over samples and entries of |T T^T - G| (l1) or (T T^T - G)^2 (squared), T = `normalized_tokens` of
+    the features [B, C, h, w], G the reference Gram matrices [B, HW, HW], with the gradient written out. Autograd
+    would walk HW x HW tensors about six times an iteration (the product, difference, |.|, its sign, the mean's
+    expansion) and run three batched products (T T^T and one per operand in backward); here the difference is
+    made by one product (baddbmm) and turned in place into the distance's derivative E, and since T T^T - G is
+    symmetric so is E: dL/dT = (E + E^T) T = 2 E T, one product. The same values up to float order, and one
+    HW x HW buffer per iteration instead of three."""
+
+    @staticmethod
+    def forward(ctx, features, gram, squared: bool):
+        rows = features.float().flatten(2).transpose(1, 2)
+        norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        denominators = norms.clamp_min(NORMALIZE_EPS)
+        tokens = rows / denominators
+        difference = torch.baddbmm(gram, tokens, tokens.transpose(1, 2), beta=-1)
+        count = difference.numel()
+        if squared:
+            loss = torch.linalg.vector_norm(difference).square() / count
+            derivative_scale = 4.0 / count           # d/dT of (TT^T - G)^2: 2 (E + E^T) T, E = D
+        else:
+            loss = torch.linalg.vector_norm(difference, ord=1) / count
+            difference.sign_()                        # abs' derivative (sign, 0 at 0, as autograd's sgn)
+            derivative_scale = 2.0 / count
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(tokens, denominators, norms >= NORMALIZE_EPS, difference)
+            ctx.derivative_scale, ctx.shape = derivative_scale, features.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        tokens, denominators, normalised, derivative = ctx.saved_tensors
+        grad_tokens = torch.bmm(derivative, tokens).mul_(grad_loss * ctx.derivative_scale)
+        # through T = x / max(|x|, eps) (F.normalize): (g - T (g . T)) / |x| where |x| >= eps, g / eps elsewhere
+        radial = (grad_tokens * tokens).sum(dim=-1, keepdim=True) * normalised
+        grad_rows = (grad_tokens - tokens * radial) / denominators
+        return grad_rows.transpose(1, 2).reshape(ctx.shape), None, None
 
 
 def gram_form_bytes(channels: int, tokens: int, samples: int) -> dict:
     """Estimated bytes of the spatial loss per layer in each form: `reference` (kept for the whole batch) and
-    `working` (alive during one Adam iteration: the Gram-sized products, their difference and gradients)."""
+    `working` (alive during one Adam iteration: the one Gram-sized buffer `_TokenGramDistance` keeps, or the C x C
+    products and their gradients)."""
     return {"tokens": {"reference": samples * tokens * tokens * FLOAT_BYTES,
-                       "working": 3 * samples * tokens * tokens * FLOAT_BYTES},
+                       "working": samples * tokens * tokens * FLOAT_BYTES},
             "channels": {"reference": samples * (tokens * channels + 1) * FLOAT_BYTES,
                          "working": 4 * samples * channels * channels * FLOAT_BYTES}}
 
@@ -107,11 +148,10 @@ class GramReference:
         if tuple(features.shape[1:]) != self.shape:
             raise ValueError(f"spatial loss: a feature of {tuple(features.shape[1:])} against a reference of "
                              f"{self.shape}")
+        if self.form == "tokens":
+            return _TokenGramDistance.apply(features, self.gram, self.distance == "squared")
         tokens = normalized_tokens(features)
         count = tokens.shape[1] ** 2
-        if self.form == "tokens":
-            difference = tokens @ tokens.transpose(1, 2) - self.gram
-            return difference.abs().mean() if self.distance == "l1" else difference.pow(2).mean()
         own = (tokens.transpose(1, 2) @ tokens).pow(2).sum(dim=(1, 2))
         cross = (tokens.transpose(1, 2) @ self.tokens).pow(2).sum(dim=(1, 2))
         return ((own - 2 * cross + self.constant) / count).mean()
@@ -137,21 +177,35 @@ def temporal_loss(features: torch.Tensor, flows: CyclicFlows, both_directions: b
     (`CyclicFlows.resized`); `features` [chunks*N, C, h, w]. One direction (paper): the adjacent pairs k -> k+1 of
     |(f_{k+1} - warp(f_k, backward[k])) (1 - occ)|. Both directions (code): every cyclic pair, wrap pair N-1 -> 0
     included, of |f_{k+1} - warp(f_k, backward[k])| (1 - occ_bwd) + |f_k - warp(f_{k+1}, forward[k])| (1 - occ_fwd)."""
-    n = flows.frames
-    x = features.float().reshape(-1, n, *features.shape[1:])
-    chunks = x.shape[0]
-    pairs = n if both_directions else n - 1
-    earlier = x[:, :pairs].reshape(-1, *x.shape[2:])
-    later = x.roll(-1, dims=1)[:, :pairs].reshape(-1, *x.shape[2:])
+    return TemporalLoss(flows, features.shape[0] // flows.frames, both_directions)(features)
 
-    def residual(target, source, flow, occlusion):
-        return ((target - flow_warp(source, flow[:pairs].repeat(chunks, 1, 1, 1)))
-                * (1.0 - occlusion[:pairs].repeat(chunks, 1, 1, 1))).abs()
 
-    forward_residual = residual(later, earlier, flows.backward, flows.backward_occlusion)
-    if not both_directions:
-        return forward_residual.mean()
-    return (forward_residual + residual(earlier, later, flows.forward, flows.forward_occlusion)).mean()
+class TemporalLoss:
+    """`temporal_loss` for features of `chunks` CFG chunks along fixed flows: the sampling grids and occlusion
+    weights, repeated over the chunks, are made once per optimisation (not once per Adam iteration), and both
+    directions' warps run as one grid_sample."""
+
+    def __init__(self, flows: CyclicFlows, chunks: int, both_directions: bool):
+        self.frames, self.both_directions = flows.frames, both_directions
+        self.pairs = self.frames if both_directions else self.frames - 1
+        directions = [(flows.backward, flows.backward_occlusion)]
+        if both_directions:
+            directions.append((flows.forward, flows.forward_occlusion))
+        self.grid = torch.cat([sampling_grid(flow[:self.pairs]).repeat(chunks, 1, 1, 1) for flow, _ in directions])
+        self.weight = torch.cat([(1.0 - occlusion[:self.pairs].float()).repeat(chunks, 1, 1, 1)
+                                 for _, occlusion in directions])
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.float().reshape(-1, self.frames, *features.shape[1:])
+        earlier = x[:, :self.pairs].reshape(-1, *x.shape[2:])
+        later = x.roll(-1, dims=1)[:, :self.pairs].reshape(-1, *x.shape[2:])
+        sources, targets = (torch.cat([earlier, later]), torch.cat([later, earlier])) if self.both_directions \
+            else (earlier, later)
+        warped = F.grid_sample(sources, self.grid.to(sources.device), mode="bilinear", padding_mode="zeros",
+                               align_corners=True)
+        residual = ((targets - warped) * self.weight.to(sources.device)).abs()
+        # both directions: the mean of their sum over the pairs = twice the mean over both sets of residuals
+        return residual.mean() * (2 if self.both_directions else 1)
 
 
 def channel_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -176,9 +230,9 @@ class OptimizationReport:
     temporal_after: Optional[float]
 
 
-def _losses(x, gram_reference, flows, form: LossForm):
+def _losses(x, gram_reference, temporal_term: Optional[TemporalLoss], form: LossForm):
     spatial = None if gram_reference is None else form.spatial_weight * gram_reference.loss(x)
-    temporal = None if flows is None else form.temporal_weight * temporal_loss(x, flows, form.temporal_both_directions)
+    temporal = None if temporal_term is None else form.temporal_weight * temporal_term(x)
     return spatial, temporal
 
 
@@ -212,34 +266,30 @@ def optimize_feature(feature: torch.Tensor, gram_reference=None,
     loss_form = LOSS_FORMS[form]
     with torch.inference_mode(False), torch.enable_grad():
         original = feature.detach().clone().float()
+        temporal_term = None
         if flows is not None:
-            flows = _normal_tensors(flows.resized(tuple(feature.shape[-2:])))
+            temporal_term = TemporalLoss(flows.resized(tuple(feature.shape[-2:])),  # made here: normal tensors
+                                         feature.shape[0] // flows.frames, loss_form.temporal_both_directions)
         x = original.clone().requires_grad_(True)
-        before = _losses(x.detach(), gram_reference, flows, loss_form)
+        before = _losses(x.detach(), gram_reference, temporal_term, loss_form)
         optimizer = torch.optim.Adam([x], lr=lr)
         best, best_loss = original, _objective(before)
         for _ in range(iterations):
             optimizer.zero_grad(set_to_none=True)
-            loss = _objective(_losses(x, gram_reference, flows, loss_form))
+            loss = _objective(_losses(x, gram_reference, temporal_term, loss_form))
             if loss_form.keep_best:
                 best, best_loss = _keep_better(x, loss, best, best_loss)
             loss.backward()
             optimizer.step()
         result = x.detach()
         if loss_form.keep_best:
-            final = _objective(_losses(result, gram_reference, flows, loss_form))
+            final = _objective(_losses(result, gram_reference, temporal_term, loss_form))
             result, _ = _keep_better(result, final, best, best_loss)
         optimized = restore_statistics(result, original)
-        after = _losses(optimized, gram_reference, flows, loss_form)
+        after = _losses(optimized, gram_reference, temporal_term, loss_form)
     report = OptimizationReport(*(None if value is None else float(value)
                                   for value in (before[0], after[0], before[1], after[1])))
     return optimized.to(feature.dtype), report
-
-
-def _normal_tensors(flows: CyclicFlows) -> CyclicFlows:
-    """A copy whose tensors are normal ones (inference tensors cannot be saved for backward)."""
-    return CyclicFlows(flows.backward.clone(), flows.backward_occlusion.clone(), flows.forward.clone(),
-                       flows.forward_occlusion.clone())
 
 
 @dataclass
