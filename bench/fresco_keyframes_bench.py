@@ -7,16 +7,16 @@ apart (smoothing decodes and encodes x̂0; on a CPU the VAE can dominate). Print
 VAE with every component on (target <= 3x plain, aim <= 2x), each component alone, the feature optimisation's
 losses before/after, and the node's own cache / Gram accounting. `--memory-size 512` then runs one executed step of
 a batch of 8 on the full SD1.5 layout in a subprocess and prints its peak resident memory beside the same run with
-every component off (CPU RSS; on CUDA the peak allocated memory). Needs $COMFYUI_PATH. Usage:
+every component off (CPU RSS; on CUDA the peak allocated memory). `--layout full` samples on the full SD1.5 layout
+instead; `--device cuda` runs on the GPU (bench/gpu_suite.py). Needs $COMFYUI_PATH. Usage:
     COMFYUI_PATH=/path/to/ComfyUI python bench/fresco_keyframes_bench.py [--size 256] [--frames 8] [--steps 4]
-        [--sampler ddim] [--skip-each] [--memory-size 512]
+        [--sampler ddim] [--skip-each] [--memory-size 512] [--layout width|full|tiny] [--device cuda|cpu] [--json]
 """
 import argparse
 import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from gpu_suite import add_suite_arguments, device_label, emit, start_host, unet_layout  # noqa: E402
 from keyframe_sampler_bench import CLIP, SEED, read_frames  # noqa: E402
 
 MiB = 2 ** 20
@@ -43,10 +44,10 @@ EACH = [("efficient cross-frame attention", dict(OFF, cross_frame_period=(0.0, 1
 class Bench:
     def __init__(self, host, args, unet_config=None):
         from host_compat import SHARED_DATA
-        from tiny_models import SD15_WIDTH_UNET, conditioning, tiny_sd15, tiny_sd_vae
+        from tiny_models import conditioning, tiny_sd15, tiny_sd_vae
         self.host, self.args = host, args
         self.rendering = host.pack_module("engine.fresco")
-        self.model = tiny_sd15(0, unet_config or SD15_WIDTH_UNET)
+        self.model = tiny_sd15(0, unet_config or unet_layout(args.layout))
         self.vae = tiny_sd_vae(0)
         self.positive, self.negative = conditioning(0), conditioning(1)
         self.frames = read_frames(SHARED_DATA / "videos" / CLIP, args.frames, 3, args.size)
@@ -97,22 +98,20 @@ def row(label, result, plain):
 
 def memory_child(args) -> None:
     """One executed step of a batch on the full SD1.5 layout; prints the peak memory as JSON."""
-    from conftest import HostSession
-    from host_compat import find_comfyui
     from tiny_models import FULL_SD15_UNET
     torch.set_num_threads(args.threads)
-    comfy_path, _ = find_comfyui()
-    host = HostSession(comfy_path, Path(tempfile.mkdtemp()))
+    host = start_host(args, "fresco_keyframes_bench")
     args.size, args.steps, args.denoise = args.memory_size, 1, 1.0  # one step, every component's period on it
     bench = Bench(host, args, FULL_SD15_UNET)
     on = {"on": ON, "off": OFF}[args.memory_child]
     on = {k: ((0.0, 1.0) if isinstance(v, tuple) and v != (0.0, 0.0) else v) for k, v in on.items()}
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     result = bench.fresco(on)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cuda = torch.cuda.max_memory_allocated() / MiB if torch.cuda.is_available() else None
+    cuda = torch.cuda.max_memory_allocated() / MiB if cuda else None
     print(json.dumps({"rss_before_mib": before / 1024, "rss_peak_mib": peak / 1024, "cuda_peak_mib": cuda,
                       "report": result["report"]}))
 
@@ -129,20 +128,16 @@ def main():
     parser.add_argument("--skip-each", action="store_true", help="skip the cost of each component alone")
     parser.add_argument("--memory-size", type=int, default=0, help="frame size of the memory run (0: skip)")
     parser.add_argument("--memory-child", choices=["on", "off"], help=argparse.SUPPRESS)
+    add_suite_arguments(parser)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args)
     torch.set_num_threads(args.threads)
-    from conftest import HostSession
-    from host_compat import find_comfyui
-    comfy_path, reason = find_comfyui()
-    if comfy_path is None:
-        sys.exit(f"fresco_keyframes_bench: {reason}")
-    bench = Bench(HostSession(comfy_path, Path(tempfile.mkdtemp())), args)
-    print(f"SD1.5-width random UNet, {args.frames} key frames of {args.size}x{args.size} in one batch, "
+    bench = Bench(start_host(args, "fresco_keyframes_bench"), args)
+    print(f"{args.layout} SD1.5 random UNet, {args.frames} key frames of {args.size}x{args.size} in one batch, "
           f"{args.steps} steps at denoise {args.denoise} ({args.sampler}), cfg 7.5, {args.iterations} Adam "
-          f"iterations, {args.threads} thread(s); seconds per key frame, each against plain batched img2img run "
-          f"just before it")
+          f"iterations, on {device_label(args.device)}; seconds per key frame, each against plain batched img2img "
+          f"run just before it")
     print(f"{'':40s} {'total':>8s} {'VAE':>7s} {'non-VAE':>9s} {'vs plain':>9s}")
     bench.plain()  # warm-up
     configs = [("every component on (defaults)", ON)] + ([] if args.skip_each else
@@ -153,6 +148,7 @@ def main():
         print(row("plain batched img2img", plain, plain))
         print(row(label, result, plain), flush=True)
         if number == 0:
+            headline = result["total"], ((result["total"] - result["vae"]) / (plain["total"] - plain["vae"]))
             for line in result["report"]:
                 print(f"    note: {line}")
 
@@ -162,7 +158,8 @@ def main():
         for which in ("off", "on"):
             done = subprocess.run([sys.executable, __file__, "--memory-child", which, "--frames", str(args.frames),
                                    "--memory-size", str(args.memory_size), "--threads", str(args.threads),
-                                   "--iterations", str(args.iterations), "--sampler", args.sampler],
+                                   "--iterations", str(args.iterations), "--sampler", args.sampler,
+                                   "--device", args.device],
                                   capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-2000:])
@@ -172,6 +169,8 @@ def main():
                   f"{figures['rss_before_mib']:.0f} MiB)"
                   + (f", CUDA peak {figures['cuda_peak_mib']:.0f} MiB" if figures["cuda_peak_mib"] else ""))
             print(f"    report: {figures['report'][0]}")
+    emit(args, "s/key frame (all on)", headline[0], {"plain batched img2img (non-VAE)": headline[1]},
+         f"{args.size}x{args.size} {args.layout}, batch {args.frames}, {args.steps} steps")
 
 
 if __name__ == "__main__":

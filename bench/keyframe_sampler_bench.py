@@ -5,13 +5,13 @@ and convolutions weigh about what they weigh in SD1.5; the cache is measured on 
 share is counted apart (the reference needs 3 encodes and 4 decodes per key frame; on a CPU they can dominate) and
 its calls are counted and timed. Prints, per sampler, seconds per key frame (the anchor excluded) with every
 constraint on, the ratio outside the VAE against KSampler img2img with the same sampler (target <= 2.2x), the cost
-of each constraint alone, and the cross-frame attention cache at 512x512. Needs $COMFYUI_PATH. Usage:
+of each constraint alone, and the cross-frame attention cache at 512x512. `--layout full` samples on the full SD1.5
+layout instead; `--device cuda` runs on the GPU (bench/gpu_suite.py). Needs $COMFYUI_PATH. Usage:
     COMFYUI_PATH=/path/to/ComfyUI python bench/keyframe_sampler_bench.py [--size 256] [--steps 4] [--skip-each]
-        [--samplers ddim euler_ancestral dpmpp_2m]
+        [--samplers ddim euler_ancestral dpmpp_2m] [--layout width|full|tiny] [--device cuda|cpu] [--json]
 """
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+from gpu_suite import add_suite_arguments, device_label, emit, start_host, unet_layout  # noqa: E402
 
 CLIP = "man_talking_512x640_25fps.mp4"
 SEED = 7
@@ -49,11 +50,11 @@ def read_frames(path: Path, count: int, stride: int, size: int) -> torch.Tensor:
 
 class Bench:
     def __init__(self, host, args):
-        from tiny_models import SD15_WIDTH_UNET, conditioning, tiny_sd15, tiny_sd_vae
+        from tiny_models import conditioning, tiny_sd15, tiny_sd_vae
         from host_compat import SHARED_DATA
         self.host, self.args = host, args
         self.rendering = host.pack_module("engine.rerender_a_video")
-        self.model = tiny_sd15(0, SD15_WIDTH_UNET)
+        self.model = tiny_sd15(0, unet_layout(args.layout))
         self.vae = tiny_sd_vae(0)
         self.positive, self.negative = conditioning(0), conditioning(1)
         self.frames = read_frames(SHARED_DATA / "videos" / CLIP, args.keyframes, 10, args.size)
@@ -132,13 +133,14 @@ def row(name: str, result: dict, plain: dict) -> str:
             f"{result['encodes']:4.0f}/{result['decodes']:.0f}")
 
 
-def measure(bench, configs, args) -> float:
-    """Print the table for the current sampler; returns the non-VAE ratio with every constraint on."""
+def measure(bench, configs, args) -> tuple:
+    """Print the table for the current sampler; returns (the non-VAE ratio, seconds per key frame) with every
+    constraint on."""
     name = bench.common["sampler_name"]
     print(f"\n{name}/{bench.common['scheduler']}: seconds per key frame, fastest of {args.repeats} (each against "
           f"KSampler img2img with {name}, runs interleaved: the machine is noisy)")
     print(f"{'':38s} {'total':>8s} {'VAE':>7s} {'non-VAE':>9s} {'vs plain':>9s} enc/dec")
-    ratio = None
+    ratio = seconds = None
     for number, (label, patched, periods) in enumerate(configs):
         plains, results = [], []
         for _ in range(args.repeats):
@@ -152,9 +154,10 @@ def measure(bench, configs, args) -> float:
             for line in result["report"]:
                 print(f"    note: {line}")
             ratio = (result["total"] - result["vae"]) / (plain["total"] - plain["vae"])
+            seconds = result["total"]
             print(f"    outside the VAE: {ratio:.2f}x plain (target <= 2.2x); VAE {result['vae']:.1f} s for "
                   f"{result['encodes']:.0f} encodes + {result['decodes']:.0f} decodes per key frame")
-    return ratio
+    return ratio, seconds
 
 
 def main():
@@ -169,20 +172,17 @@ def main():
     parser.add_argument("--cache-size", type=int, default=512, help="frame size of the cache measurement (0: skip)")
     parser.add_argument("--samplers", nargs="+", default=["ddim", "euler_ancestral", "dpmpp_2m"],
                         help="host samplers to measure (each against KSampler img2img with the same sampler)")
+    add_suite_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from host_compat import find_comfyui
-    from conftest import HostSession
-    comfy_path, reason = find_comfyui()
-    if comfy_path is None:
-        sys.exit(f"keyframe_sampler_bench: {reason}")
-    bench = Bench(HostSession(comfy_path, Path(tempfile.mkdtemp())), args)
+    bench = Bench(start_host(args, "keyframe_sampler_bench"), args)
     full_steps = int(args.steps / args.denoise)
     layers = len(bench.rendering.find_cross_frame_attention(bench.patched).layers)
-    print(f"SD1.5-width random UNet ({layers} decoder attention layers), {args.size}x{args.size}, "
+    print(f"{args.layout} SD1.5 random UNet ({layers} decoder attention layers), {args.size}x{args.size}, "
           f"{args.steps} steps at denoise "
-          f"{args.denoise} (full schedule {full_steps}), cfg 7.5, {args.keyframes} frames, {args.threads} thread(s)")
+          f"{args.denoise} (full schedule {full_steps}), cfg 7.5, {args.keyframes} frames, on "
+          f"{device_label(args.device)}")
 
     bench.plain()  # warm-up: model load, allocator
     late = (0.25, 0.5)  # inside the executed steps, so its cost shows (the default (0, 0.1) is hidden by denoise)
@@ -194,13 +194,12 @@ def main():
                     (f"shape-aware fusion alone {late}", False, {"shape_period": late}),
                     ("pixel-aware fusion alone", False, {"pixel_period": (0.5, 0.8)}),
                     ("AdaIN alone", False, {"adain_period": (0.8, 1.0)})]
-    ratios = {}
+    ratios, seconds = {}, {}
     for sampler_name in args.samplers:
         bench.use_sampler(sampler_name)
-        ratios[sampler_name] = measure(bench, configs, args)
+        ratios[sampler_name], seconds[sampler_name] = measure(bench, configs, args)
     print("\nnon-VAE cost per key frame vs KSampler img2img (every constraint on): "
           + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
-
 
     if args.cache_size:
         per_step, layers = bench.cache_per_step(args.cache_size)
@@ -210,6 +209,9 @@ def main():
               f"{executed} executed) holds anchor {executed * per_step / MiB:.0f} MiB, at most 2 frames (anchor, "
               f"previous key frame, overwritten as the next one reads it) = {2 * executed * per_step / MiB:.0f} MiB; "
               f"half in fp16")
+    first = args.samplers[0]
+    emit(args, f"s/key frame ({first}, all on)", seconds[first], {"KSampler img2img (non-VAE)": ratios[first]},
+         f"{args.size}x{args.size} {args.layout}, {args.steps} steps, {args.keyframes} frames")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Inputs are those of bench/propagator_bench.py: the first `--frames` frames of a 
 its ground-truth stylisation, key frames every `--interval` taken from it, OpenCV DIS flow. One command on the lent
 GPU machine (the `shared/` data does not travel there: copy the clip into the checkout and pass `--video`):
 
-    python bench/propagator_gpu_bench.py --video path/to/man_talking_512x640_25fps.mp4
+    python bench/propagator_gpu_bench.py [--video path/to/clip.mp4]
+
+The default clip is the committed tests/data/videos/man_talking_512x640_25fps.mp4 (found as the tests find clips:
+tests/data first, then ../shared/data), so it travels with the checkout.
 
 `--cpu-check` (on by default) also runs the same propagation on the CPU and prints the largest difference and both
 PSNRs; `--device cpu` runs the whole script on the CPU (a smoke test where no GPU is lent).
@@ -21,7 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from propagator_bench import CLIPS, VIDEOS, psnr, read_clip, stylise  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from gpu_suite import add_suite_arguments, emit, resolve_device  # noqa: E402
+from host_compat import SHARED_DATA  # noqa: E402
+from propagator_bench import CLIPS, psnr, read_clip, stylise  # noqa: E402
 from rerender import propagate  # noqa: E402
 from rerender.flow import DISEstimator, VideoFlow  # noqa: E402
 
@@ -51,16 +57,14 @@ def mean_psnr(video, truth, targets) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video", type=Path, default=VIDEOS / CLIPS["man"])
+    parser.add_argument("--video", type=Path, default=SHARED_DATA / "videos" / CLIPS["man"])
     parser.add_argument("--frames", type=int, default=11)
     parser.add_argument("--interval", type=int, default=10)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-cpu-check", dest="cpu_check", action="store_false")
+    add_suite_arguments(parser, layouts=False)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run where a GPU is lent, or pass --device cpu")
+    device = torch.device(resolve_device(args))
 
     bgr = centre_crop(read_clip(args.video, args.frames), args.size)
     frames = torch.from_numpy(bgr[..., ::-1].astype(np.float32) / 255.0)
@@ -88,6 +92,7 @@ def main():
               f"{mean_psnr(cpu_video, truth, targets):.2f} dB; largest |gpu - cpu| {difference:.2e}, mean "
               f"{float((cpu_video - video).abs().mean()):.2e}")
     print(f"  target: >= 10 frames/s at 512x512 -> {'met' if fps >= 10 else 'not met'}")
+    emit(args, "frames/s", fps, {}, f"{args.size}x{args.size}, {frames.shape[0]} frames, keys {keys}")
 
 
 if __name__ == "__main__":

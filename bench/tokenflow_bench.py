@@ -4,13 +4,13 @@ DDIM inversion seconds per frame and inversion step; memory of the key frame sto
 computed for 40 frames at 512x512 on the full SD1.5 layout.
 
 Model: random-weight UNet at SD1.5's real width (320/640 channels, two levels; tests/tiny_models.SD15_WIDTH_UNET)
-with unit norm gains. Needs $COMFYUI_PATH. Usage:
+with unit norm gains; `--layout full` samples on the full SD1.5 layout instead; `--device cuda` runs on the GPU
+(bench/gpu_suite.py). Needs $COMFYUI_PATH. Usage:
     COMFYUI_PATH=/path/to/ComfyUI python bench/tokenflow_bench.py [--frames 16] [--size 256] [--steps 4]
-                                                                  [--inversion-steps 20] [--chunk 8]
+        [--inversion-steps 20] [--chunk 8] [--layout width|full|tiny] [--device cuda|cpu] [--json]
 """
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+from gpu_suite import add_suite_arguments, device_label, emit, start_host, unet_layout  # noqa: E402
 
 MiB = 2 ** 20
 # SD1.5's self-attention layers: (count, latent downscale, channels) - input 1,2 / 4,5 / 7,8, middle, output
@@ -46,21 +47,17 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--inversion-steps", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=8)
+    add_suite_arguments(parser)
     args = parser.parse_args()
 
-    from conftest import HostSession
-    from host_compat import find_comfyui
-    comfy_path, reason = find_comfyui()
-    if comfy_path is None:
-        sys.exit(f"tokenflow_bench: {reason}")
-    host = HostSession(comfy_path, Path(tempfile.mkdtemp()))
+    host = start_host(args, "tokenflow_bench")
     import comfy.sample
     import comfy.samplers
-    from tiny_models import SD15_WIDTH_UNET, conditioning, tiny_sd15, with_unit_norm_gains
+    from tiny_models import conditioning, tiny_sd15, with_unit_norm_gains
 
     inversion_nodes = host.pack_module("engine.inversion")
     tokenflow = host.pack_module("engine.tokenflow")
-    model = with_unit_norm_gains(tiny_sd15(0, SD15_WIDTH_UNET))
+    model = with_unit_norm_gains(tiny_sd15(0, unet_layout(args.layout)))
     latents = torch.randn(args.frames, 4, args.size // 8, args.size // 8,
                           generator=torch.Generator().manual_seed(0)) / 0.18215
     source, positive, negative = conditioning(5), conditioning(0), conditioning(1)
@@ -91,8 +88,8 @@ def main():
         tokenflow_seconds, store = timed()
 
     n = args.frames
-    print(f"{n} frames at {args.size}x{args.size}, {args.steps} steps, chunk {args.chunk}, SD1.5-width UNet (CPU "
-          f"threads {torch.get_num_threads()})")
+    print(f"{n} frames at {args.size}x{args.size}, {args.steps} steps, chunk {args.chunk}, {args.layout} SD1.5 UNet, on "
+          f"{device_label(args.device)}")
     print(f"inversion: {inversion_seconds / n:.3f} s per frame, {inversion_seconds / n / grid_steps * 1000:.1f} ms "
           f"per frame and inversion step ({grid_steps} steps)")
     print(f"plain sampling (same noise, chunks of {args.chunk}): {plain_seconds / n:.3f} s per frame")
@@ -104,6 +101,9 @@ def main():
     print("computed for 40 frames at 512x512, full SD1.5 layout:")
     for name, value in sd15_store_bytes(40, 512, args.chunk).items():
         print(f"  {name}: {value / MiB:.0f} MiB")
+    emit(args, "s/frame (TokenFlow)", tokenflow_seconds / n,
+         {"plain": tokenflow_seconds / plain_seconds, "per-frame PnP": tokenflow_seconds / pnp_seconds},
+         f"{args.size}x{args.size} {args.layout}, {n} frames, {args.steps} steps")
 
 
 if __name__ == "__main__":

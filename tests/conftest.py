@@ -13,12 +13,14 @@ from host_compat import (PACK_DIR_NAME, SHARED_DATA, define_missing_torchvision_
 
 
 class HostSession:
-    """ComfyUI loaded in-process (no socket) with this pack loaded through the host's own custom-node loader."""
+    """ComfyUI loaded in-process (no socket) with this pack loaded through the host's own custom-node loader.
+    `cpu=False` lets the host pick its own device (CUDA where there is one): the benches' GPU runs."""
 
-    def __init__(self, comfy_path: Path, base: Path):
+    def __init__(self, comfy_path: Path, base: Path, cpu: bool = True):
         define_missing_torchvision_ops()
         sys.path.insert(0, str(comfy_path))
-        sys.argv = ["main.py", "--cpu", "--base-directory", str(make_base_directory(base)), "--disable-api-nodes"]
+        sys.argv = ["main.py", *(["--cpu"] if cpu else []), "--base-directory", str(make_base_directory(base)),
+                    "--disable-api-nodes"]
         import comfy.options
         comfy.options.enable_args_parsing()
         import execution
