@@ -1,6 +1,7 @@
 """bench/gpu_suite.py --smoke: the GPU suite's own code (every bench's device handling, sizes, JSON line, the table)
 at tiny sizes on the CPU, so the GPU command cannot rot while no GPU is at hand."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,8 +28,11 @@ def test_every_case_reports_numbers():
     for case, outcome in outcomes.items():
         figures = outcome["figures"]
         assert outcome["status"] == "ok" and figures, case
-        assert figures["value"] > 0 and figures["peak_mib"] > 0 and figures["device"].startswith("CPU"), case
-        assert all(ratio > 0 for ratio in figures["ratios"].values()), (case, figures)
+        assert figures["peak_mib"] > 0 and figures["device"].startswith("CPU"), case
+        # Tune-A-Video's figure is a difference of two timed runs (its setup cancels out): on a loaded machine it
+        # can come out below zero, so only its being a number is the code's doing; every other figure is timed.
+        timed = [figures["value"], *figures["ratios"].values()]
+        assert all(math.isfinite(x) for x in timed) and (case == "tune_a_video" or min(timed) > 0), (case, figures)
         assert case in done.stdout.split("whole suite")[0].split("case ")[-1]  # a row of the printed table
     assert len(outcomes["tokenflow"]["figures"]["ratios"]) == 2 and outcomes["tune_a_video"]["figures"]["ratios"]
 
