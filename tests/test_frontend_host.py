@@ -1,6 +1,8 @@
 """The UI workflows in the real ComfyUI frontend (PyPI's comfyui-frontend-package served by the host), driven by
-headless Chromium through playwright-core: no missing node, no console error from the pack's js, extension loaded."""
+headless Chromium through playwright-core: no missing node, no console error from the pack's js, extension loaded;
+and what the preview nodes show after a run."""
 import json
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from host_compat import PACK_DIR_NAME, REPO_ROOT, skip_or_fail
+from test_workflows_host import TINY_OVERRIDES
 from workflow_geometry import problems
 
 FRONTEND_TESTS = Path(__file__).resolve().parent / "frontend"
@@ -35,3 +38,27 @@ def test_ui_workflows_load_without_missing_nodes_or_pack_errors(server, browser_
         assert result["nodesLoaded"] == len(json.loads(Path(path).read_text())["nodes"]), (path, result)
         # the layout as the editor draws it: its own node sizes and its own measure of each group title
         assert problems(result["geometry"]["nodes"], result["geometry"]["groups"]) == [], path
+
+
+def test_previews_show_the_key_frames_and_flow_after_a_run_from_the_editor(server, browser_tools, tmp_path):
+    """The shipped video to video graph queued from the editor on the tiny models (4 frames at 64 px, 2 steps): the
+    picker shows its indices, the key frames preview one 64x64 image per key frame, the flow preview pair 0->1.
+    The screenshot (previews-after-run.png in the test's tmp_path) shows what no assertion reads: the pictures."""
+    values = {node_type: dict(inputs) for node_type, inputs in TINY_OVERRIDES.items()}
+    values["Rerender_VideoFrames"]["frame_count"] = 4
+    values["Rerender_KeyframeSampler"].update(steps=2, seed=random.randrange(2**31))
+    # hidden while split_at_cuts is off, so the key frames stay the same: the picker runs instead of coming from the
+    # server's cache (a cached node shows no text in a page that did not run it)
+    values["Rerender_KeyframePicker"]["cut_threshold"] = round(random.uniform(0.3, 0.4), 6)
+    done = subprocess.run(["node", str(FRONTEND_TESTS / "check_previews.mjs"), server.url,
+                           str(REPO_ROOT / "workflows" / "Rerender - video to video.json"), str(tmp_path),
+                           json.dumps(values)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"screenshot: {tmp_path / 'previews-after-run.png'}")
+    assert report["missingWidgets"] == [] and report["events"] == ["execution_start", "execution_success"], report
+    nodes = report["nodes"]
+    assert nodes["Key Frame Picker"]["status"] == ["key frames: 0,3"], nodes
+    assert nodes["Key frames preview"]["images"] == [[64, 64]] * 2, nodes
+    assert nodes["Flow preview"]["images"] == [[64, 64]], nodes         # estimate on demand: pair 0->1 only
+    assert (tmp_path / "previews-after-run.png").stat().st_size > 0

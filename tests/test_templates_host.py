@@ -2,11 +2,17 @@
 one card per UI workflow with its thumbnail, each opening a non-empty graph; the picker shows only its mode's
 widgets and its indices after a run; a failed run clears them.
 
-The thumbnails are the screenshots this test takes of each opened graph; RERENDER_WRITE_THUMBNAILS=1 writes them
-next to the workflows (workflows/<card title>.jpg, where the browser looks for them) instead of a temporary folder."""
+The thumbnails are the pictures this test takes of each opened graph (a square, as the card shows it: the method's
+name and purpose in a banner over the graph); RERENDER_WRITE_THUMBNAILS=1 writes them next to the workflows
+(workflows/<card title>.jpg, where the browser looks for them) instead of a temporary folder. The test's tmp_path
+keeps template-browser.png, the cards as the browser shows them with the thumbnails just taken."""
 import json
 import os
+import shutil
 import subprocess
+
+import cv2
+import pytest
 
 from host_compat import PACK_DIR_NAME, REPO_ROOT
 from test_frontend_host import FRONTEND_TESTS, UI_WORKFLOWS, browser_tools  # noqa: F401 (fixture)
@@ -15,15 +21,50 @@ from test_frontend_host import FRONTEND_TESTS, UI_WORKFLOWS, browser_tools  # no
 MODE_WIDGETS = {"uniform": {"interval", "include_last", "split_at_cuts"}, "list": {"index_list", "split_at_cuts"}}
 
 
+# where the server lists each loader's file: the shipped names, which the test server does not have
+MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet"}
+INPUT_LOADERS = {"LoadVideo": "clip.mp4", "LoadImage": "rerender_example.png"}   # the test input each stands in for
+
+
+@pytest.fixture
+def shipped_files(server):
+    """The files the shipped workflows name, under those names, for as long as the test runs: empty model files
+    (the editor only checks the server lists them; no red ring on a loader that a user's disk satisfies) and copies
+    of the test inputs (a Load Image shows its picture)."""
+    made = []
+    for path in UI_WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            name = (node.get("widgets_values") or [""])[0]
+            if not isinstance(name, str) or not name:
+                continue
+            if node["type"] in MODEL_FOLDERS:
+                target = server.base / "models" / MODEL_FOLDERS[node["type"]] / name
+            elif node["type"] in INPUT_LOADERS:
+                target = server.base / "input" / name
+            else:
+                continue
+            if target.exists():
+                continue
+            if node["type"] in INPUT_LOADERS:
+                shutil.copyfile(server.base / "input" / INPUT_LOADERS[node["type"]], target)
+            else:
+                target.touch()
+            made.append(target)
+    yield
+    for target in made:
+        target.unlink()
+
+
 def visible(state) -> set:
     return {name for name, hidden in state["hidden"].items() if not hidden} - {"mode"}
 
 
-def test_template_cards_open_their_graphs_and_a_failed_run_clears_the_nodes_texts(server, browser_tools, tmp_path):
+def test_template_cards_open_their_graphs_and_a_failed_run_clears_the_nodes_texts(server, browser_tools,
+                                                                                  shipped_files, tmp_path):
     write = os.environ.get("RERENDER_WRITE_THUMBNAILS") == "1"
     thumbnails = REPO_ROOT / "workflows" if write else tmp_path
     done = subprocess.run(["node", str(FRONTEND_TESTS / "check_templates.mjs"), server.url, PACK_DIR_NAME,
-                           str(thumbnails)], capture_output=True, text=True, timeout=900)
+                           str(thumbnails), str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -32,11 +73,16 @@ def test_template_cards_open_their_graphs_and_a_failed_run_clears_the_nodes_text
     for name in names:
         nodes = len(json.loads((REPO_ROOT / "workflows" / f"{name}.json").read_text())["nodes"])
         assert report["opened"][name] == nodes > 0, (name, report["opened"])
-        assert (thumbnails / f"{name}.jpg").stat().st_size > 0
+        height, width = cv2.imread(str(thumbnails / f"{name}.jpg")).shape[:2]
+        assert width == height > 0, (name, width, height)      # the card is a square: no bars above and below
+        assert report["captioned"][name] and report["errorNodes"][name] == [], (name, report["errorNodes"])
         card = report["thumbnails"][name]
         if not write:                                          # the committed thumbnail is the one shown
             assert name in report["thumbnailsServed"], (name, report["thumbnailsServed"])
             assert card["loaded"] and "default-template" not in card["src"], card
+
+    print(f"cards: {tmp_path / 'template-browser.png'}")
+    assert (tmp_path / "template-browser.png").stat().st_size > 0
 
     status = report["status"]
     assert visible(status["initial"]) == MODE_WIDGETS["uniform"] and status["initial"]["status"] == []
