@@ -25,6 +25,40 @@ def browser_tools():
         skip_or_fail("frontend test skipped: run `npm install --prefix tests/frontend` for playwright-core")
 
 
+# where the server lists each loader's file: the shipped names, which the test server does not have
+MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet"}
+INPUT_LOADERS = {"LoadVideo": "clip.mp4", "LoadImage": "rerender_example.png"}   # the test input each stands in for
+
+
+@pytest.fixture
+def shipped_files(server):
+    """The files the shipped workflows name, under those names, for as long as the test runs: empty model files
+    (the editor only checks the server lists them; no red ring on a loader that a user's disk satisfies) and copies
+    of the test inputs (a Load Image shows its picture)."""
+    made = []
+    for path in UI_WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            name = (node.get("widgets_values") or [""])[0]
+            if not isinstance(name, str) or not name:
+                continue
+            if node["type"] in MODEL_FOLDERS:
+                target = server.base / "models" / MODEL_FOLDERS[node["type"]] / name
+            elif node["type"] in INPUT_LOADERS:
+                target = server.base / "input" / name
+            else:
+                continue
+            if target.exists():
+                continue
+            if node["type"] in INPUT_LOADERS:
+                shutil.copyfile(server.base / "input" / INPUT_LOADERS[node["type"]], target)
+            else:
+                target.touch()
+            made.append(target)
+    yield
+    for target in made:
+        target.unlink()
+
+
 def test_ui_workflows_load_without_missing_nodes_or_pack_errors(server, browser_tools):
     assert UI_WORKFLOWS, "no UI workflow found"
     done = subprocess.run(["node", str(FRONTEND_TESTS / "check_workflows.mjs"), server.url, PACK_DIR_NAME,
@@ -40,7 +74,8 @@ def test_ui_workflows_load_without_missing_nodes_or_pack_errors(server, browser_
         assert problems(result["geometry"]["nodes"], result["geometry"]["groups"]) == [], path
 
 
-def test_previews_show_the_key_frames_and_flow_after_a_run_from_the_editor(server, browser_tools, tmp_path):
+def test_previews_show_the_key_frames_and_flow_after_a_run_from_the_editor(server, browser_tools, shipped_files,
+                                                                            tmp_path):
     """The shipped video to video graph queued from the editor on the tiny models (4 frames at 64 px, 2 steps): the
     picker shows its indices, the key frames preview one 64x64 image per key frame, the flow preview pair 0->1.
     The screenshot (previews-after-run.png in the test's tmp_path) shows what no assertion reads: the pictures."""

@@ -8,51 +8,15 @@ name and purpose in a banner over the graph); RERENDER_WRITE_THUMBNAILS=1 writes
 keeps template-browser.png, the cards as the browser shows them with the thumbnails just taken."""
 import json
 import os
-import shutil
 import subprocess
 
 import cv2
-import pytest
 
 from host_compat import PACK_DIR_NAME, REPO_ROOT
-from test_frontend_host import FRONTEND_TESTS, UI_WORKFLOWS, browser_tools  # noqa: F401 (fixture)
+from test_frontend_host import FRONTEND_TESTS, UI_WORKFLOWS, browser_tools, shipped_files  # noqa: F401 (fixtures)
 
 # split_at_cuts applies in every mode; cut_threshold only shows once it is on (off by default)
 MODE_WIDGETS = {"uniform": {"interval", "include_last", "split_at_cuts"}, "list": {"index_list", "split_at_cuts"}}
-
-
-# where the server lists each loader's file: the shipped names, which the test server does not have
-MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet"}
-INPUT_LOADERS = {"LoadVideo": "clip.mp4", "LoadImage": "rerender_example.png"}   # the test input each stands in for
-
-
-@pytest.fixture
-def shipped_files(server):
-    """The files the shipped workflows name, under those names, for as long as the test runs: empty model files
-    (the editor only checks the server lists them; no red ring on a loader that a user's disk satisfies) and copies
-    of the test inputs (a Load Image shows its picture)."""
-    made = []
-    for path in UI_WORKFLOWS:
-        for node in json.loads(path.read_text())["nodes"]:
-            name = (node.get("widgets_values") or [""])[0]
-            if not isinstance(name, str) or not name:
-                continue
-            if node["type"] in MODEL_FOLDERS:
-                target = server.base / "models" / MODEL_FOLDERS[node["type"]] / name
-            elif node["type"] in INPUT_LOADERS:
-                target = server.base / "input" / name
-            else:
-                continue
-            if target.exists():
-                continue
-            if node["type"] in INPUT_LOADERS:
-                shutil.copyfile(server.base / "input" / INPUT_LOADERS[node["type"]], target)
-            else:
-                target.touch()
-            made.append(target)
-    yield
-    for target in made:
-        target.unlink()
 
 
 def visible(state) -> set:
