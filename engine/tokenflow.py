@@ -13,9 +13,11 @@ its self-attention Q/K and one decoder res block's residual branch replace the e
 injection; the edit keeps its own skip path, as the reference's register_conv_injection).
 Memory: the stored key frame outputs (all layers, ≤ 3 branches) plus one chunk of work.
 
-Patch points: an attn1_patch (reads the normed tokens), an attn1_replace on every self-attention layer (calls any
-replacement already installed there, or the host's optimized attention, for the attention it still computes), and
-a forward_timestep_embed_patch for the injected res block. All live on a clone made for the run.
+Patch points: an attn1_patch (reads the normed tokens; when propagating it leaves the host's Q/K/V projections no
+tokens), an attn1_replace on every self-attention layer (calls any replacement already installed there, or the
+host's optimized attention, for the attention it still computes), an attn1_output_patch (stores the key frames'
+projected outputs, puts the propagated ones in place) and a forward_timestep_embed_patch for the injected res
+block. All live on a clone made for the run.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -78,11 +80,16 @@ def pnp_layers(model) -> Tuple[Optional[int], frozenset]:
     return residual, attention
 
 
-def patched_model(model, controller: TokenFlowAttention, layers: List[LayerKey]):
+def patched_model(model, controller: TokenFlowAttention):
     patched = model.clone()
-    patched.set_model_attn1_patch(controller.read_normed)
-    for name, number, index in layers:
+    patched.set_model_attn1_patch(controller.attention_inputs)
+    for name, number, index in sorted(controller.layers):
         patched.set_model_attn1_replace(controller.attention, name, number, index)
+    # first among the output patches, so any already on the model see the propagated output as they would the
+    # attention's
+    patched.set_model_attn1_output_patch(controller.attention_output)
+    patches = patched.model_options["transformer_options"]["patches"]
+    patches["attn1_output_patch"] = patches["attn1_output_patch"][-1:] + patches["attn1_output_patch"][:-1]
     if controller.residual_block is not None:
         patched.set_model_patch((ResBlock, residual_injection(controller)), "forward_timestep_embed_patch")
     return patched
@@ -204,7 +211,8 @@ class TokenFlowGuider(comfy.samplers.CFGGuider):
             controller.store_key_outputs = False
             for index, frames in enumerate(frame_chunks):
                 controller.chunk_keys = [index] if index == 0 else [index, index - 1]
-                controller.chunk_weights = None if index == 0 else tf.blend_weights(frames, index, s.chunk_size)
+                controller.chunk_weights = (None if index == 0 else
+                                            tf.blend_weights(frames, index, s.chunk_size).to(x.device))
                 out[frames] = self._pass("prop", frames, x, source, timestep, model_options, seed, True)
                 controller.fields.clear()
         finally:
@@ -236,10 +244,10 @@ def sample_tokenflow(model, positive, negative, inversion, settings: TokenFlowSe
     """Raw latents [N,C,h,w] of the edited clip, and the peak bytes of the stored key frame outputs."""
     sigmas = check_request(model, inversion, settings, positive, negative)
     residual, attention_layers = pnp_layers(model)
-    layers = self_attention_layers(model)
     existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    controller = TokenFlowAttention(residual, attention_layers, dict(existing), optimized_attention)
-    patched = patched_model(model, controller, layers)
+    controller = TokenFlowAttention(residual, attention_layers, self_attention_layers(model), dict(existing),
+                                    optimized_attention)
+    patched = patched_model(model, controller)
     guider = TokenFlowGuider(patched, controller, inversion, settings, positive, negative)
     noise = start_noise(model, inversion.state(0), float(sigmas[0]))
     sampler = comfy.samplers.sampler_object(settings.sampler_name)

@@ -44,19 +44,26 @@ def draw_key_frames(frame_count: int, chunk_size: int, generator: torch.Generato
 
 def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention) -> torch.Tensor:
     """Joint attention of K key frames [K,T,C]: each frame's queries over the keys/values of all K frames
-    (concatenated along the tokens, in key frame order)."""
-    frames, tokens, channels = k.shape
-    k_all = k.reshape(1, frames * tokens, channels).expand(frames, -1, -1)
-    v_all = v.reshape(1, frames * tokens, v.shape[-1]).expand(frames, -1, -1)
-    return attention(q, k_all, v_all)
+    (concatenated along the tokens, in key frame order). One attention call of K·T queries over K·T keys: the same
+    rows as K calls over a K-fold copy of the keys and values, without the copy."""
+    frames, tokens, _ = q.shape
+    joint = attention(q.reshape(1, frames * tokens, -1), k.reshape(1, frames * tokens, -1),
+                      v.reshape(1, frames * tokens, -1))
+    return joint.reshape(frames, tokens, -1)
 
 
-def nearest_tokens(frame_tokens: torch.Tensor, key_tokens: torch.Tensor) -> torch.Tensor:
-    """For every token of every frame [F,T,C], the index of the most cosine-similar token of one key frame [Tk,C]
-    ([F,T] long). One similarity matrix per frame at a time, so memory stays T·Tk."""
-    keys = torch.nn.functional.normalize(key_tokens.float(), dim=-1)
-    return torch.stack([(torch.nn.functional.normalize(frame.float(), dim=-1) @ keys.T).argmax(dim=-1)
-                        for frame in frame_tokens])
+def nearest_tokens(frame_tokens: torch.Tensor, key_tokens: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """For every token of every frame [F,T,C], the index of the most cosine-similar token of each key frame [Tk,C]
+    (one [F,T] long field per key frame). Each frame is normalised once and compared with all the key frames in
+    one product, so memory stays T·ΣTk."""
+    keys = torch.cat([torch.nn.functional.normalize(tokens.float(), dim=-1) for tokens in key_tokens]).T
+    sizes = [tokens.shape[0] for tokens in key_tokens]
+    fields = [[] for _ in key_tokens]
+    for frame in frame_tokens:
+        similarity = torch.nn.functional.normalize(frame.float(), dim=-1) @ keys
+        for field, part in zip(fields, similarity.split(sizes, dim=-1)):
+            field.append(part.argmax(dim=-1))
+    return [torch.stack(field) for field in fields]
 
 
 def gather_tokens(key_output: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -96,18 +103,28 @@ def first_step(settings: TokenFlowSettings) -> int:
     return int(settings.steps / settings.denoise) - settings.steps
 
 
+PROPAGATION_PHASES = ("source_prop", "edit_prop")
+
+
 class TokenFlowAttention:
     """What the patches do in each phase of a step, and the per-step stores (freed by `reset`).
 
     phase: None (plain model), "source_key"/"edit_key" (key frame pass), "source_prop"/"edit_prop" (propagation).
-    Stores: key frame tokens/outputs per (layer, branch) with branch "normed"/"source"/0 (cond)/1 (uncond); the
-    source's Q/K and res block residual branch of the current pass; the NN fields of the current chunk."""
+    Stores: key frame tokens/outputs per (layer, branch) with branch "normed"/"source"/0 (cond)/1 (uncond), the
+    outputs taken after the attention's output projection; the source's Q/K and res block residual branch of the
+    current pass; the NN fields of the current chunk.
 
-    def __init__(self, residual_block: Optional[int], pnp_attention_layers: frozenset, previous_replace: Dict,
-                 default_attention: HostAttention):
+    In the propagation phases a layer's own attention is never used, so the input patch hands the host's Q/K/V
+    projections zero tokens and the output patch puts the gathered key frame outputs in place of the (empty)
+    projected result: the output projection is affine and the blend weights sum to one, so gathering after it is
+    the same as projecting the gathered tokens, and the layer's four projections run on the key frames only."""
+
+    def __init__(self, residual_block: Optional[int], pnp_attention_layers: frozenset, layers: Sequence[LayerKey],
+                 previous_replace: Dict, default_attention: HostAttention):
         self.residual_block = residual_block
         self.default_attention = default_attention
         self.pnp_attention_layers = pnp_attention_layers
+        self.layers = frozenset(layers)
         self.previous_replace = previous_replace
         self.reset()
 
@@ -128,10 +145,14 @@ class TokenFlowAttention:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.key_store.values())
 
-    # attn1_patch: the normed tokens of the source branch (the NN features)
-    def read_normed(self, n, context_attn1, value_attn1, extra_options):
-        if self.phase in ("source_key", "source_prop") and extra_options.get("block") is not None:
+    # attn1_patch: the normed tokens of the source branch (the NN features); no tokens to project when propagating
+    def attention_inputs(self, n, context_attn1, value_attn1, extra_options):
+        if extra_options.get("block") is None or _layer(extra_options) not in self.layers:
+            return n, context_attn1, value_attn1
+        if self.phase in ("source_key", "source_prop"):
             self.normed[_layer(extra_options)] = n
+        if self.phase in PROPAGATION_PHASES:
+            return n[:, :0], context_attn1[:, :0], value_attn1[:, :0]
         return n, context_attn1, value_attn1
 
     # attn1_replace
@@ -146,40 +167,48 @@ class TokenFlowAttention:
                                           attn_precision=extra_options.get("attn_precision"))
 
         phase = self.phase
+        if phase in PROPAGATION_PHASES:
+            return q  # zero tokens; the output patch puts the propagated output in place
         if phase == "source_key":
-            out = attend(q, k, v)
             if self.inject_attention and layer in self.pnp_attention_layers:
                 self.source_qk[layer] = (q, k)
-            if self.store_key_outputs:
-                self.key_store[(layer, "normed")] = self.normed.pop(layer)
-                self.key_store[(layer, "source")] = out
-            return out
+            return attend(q, k, v)
         if phase == "edit_key":
-            branches = extra_options["cond_or_uncond"]
-            if self.inject_attention and layer in self.source_qk:
-                q_source, k_source = self.source_qk[layer]
-                q, k = q_source.repeat(len(branches), 1, 1), k_source.repeat(len(branches), 1, 1)
+            branches = len(extra_options["cond_or_uncond"])
+            injected = self.inject_attention and layer in self.source_qk
             outs = []
-            for branch, q_c, k_c, v_c in zip(branches, q.chunk(len(branches)), k.chunk(len(branches)),
-                                             v.chunk(len(branches))):
-                out = extended_attention(q_c, k_c, v_c, attend) if self.extended else attend(q_c, k_c, v_c)
-                if self.store_key_outputs:
-                    self.key_store[(layer, branch)] = out
-                outs.append(out)
+            for q_c, k_c, v_c in zip(q.chunk(branches), k.chunk(branches), v.chunk(branches)):
+                if injected:
+                    q_c, k_c = self.source_qk[layer]
+                outs.append(extended_attention(q_c, k_c, v_c, attend) if self.extended else attend(q_c, k_c, v_c))
             return torch.cat(outs)
-        if phase == "source_prop":
-            normed = self.normed.pop(layer)
-            key_normed = self.key_store[(layer, "normed")]
-            self.fields[layer] = [nearest_tokens(normed, key_normed[position]) for position in self.chunk_keys]
-            return self._propagated(layer, "source")
-        if phase == "edit_prop":
-            return torch.cat([self._propagated(layer, branch) for branch in extra_options["cond_or_uncond"]])
         return attend(q, k, v)
+
+    # attn1_output_patch (installed first): stores the key frames' projected outputs, or puts the propagated ones
+    def attention_output(self, n, extra_options):
+        if extra_options.get("block") is None or _layer(extra_options) not in self.layers:
+            return n
+        layer, phase = _layer(extra_options), self.phase
+        if phase == "source_key" and self.store_key_outputs:
+            self.key_store[(layer, "normed")] = self.normed.pop(layer)
+            self.key_store[(layer, "source")] = n
+        elif phase == "edit_key" and self.store_key_outputs:
+            branches = extra_options["cond_or_uncond"]
+            for branch, out in zip(branches, n.chunk(len(branches))):
+                self.key_store[(layer, branch)] = out
+        elif phase == "source_prop":
+            key_normed = self.key_store[(layer, "normed")]
+            self.fields[layer] = nearest_tokens(self.normed.pop(layer),
+                                                [key_normed[position] for position in self.chunk_keys])
+            return self._propagated(layer, "source")
+        elif phase == "edit_prop":
+            return torch.cat([self._propagated(layer, branch) for branch in extra_options["cond_or_uncond"]])
+        return n
 
     def _propagated(self, layer, branch):
         stored = self.key_store[(layer, branch)]
         return propagate([stored[position] for position in self.chunk_keys], self.fields[layer],
-                            self.chunk_weights)
+                         self.chunk_weights)
 
     # forward_timestep_embed_patch on the injected ResBlock (the engine passes the host's block as two thunks)
     def res_block(self, block, forward: Callable[[], torch.Tensor], skip: Callable[[], torch.Tensor]) -> torch.Tensor:

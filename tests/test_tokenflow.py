@@ -30,7 +30,7 @@ def test_propagation_over_identical_frames_gives_each_frame_the_key_frames_outpu
     gen = torch.Generator().manual_seed(2)
     key_tokens, key_output = torch.randn(10, 6, generator=gen), torch.randn(10, 5, generator=gen)
     frames = key_tokens.expand(4, -1, -1)
-    field = nearest_tokens(frames, key_tokens)
+    (field,) = nearest_tokens(frames, [key_tokens])
     assert torch.equal(field, torch.arange(10).expand(4, -1))
     assert torch.equal(propagate([key_output], [field], None), key_output.expand(4, -1, -1))
     both = propagate([key_output, key_output], [field, field], torch.tensor([0.6, 0.7, 0.5, 0.9]))
@@ -42,7 +42,19 @@ def test_nearest_tokens_follows_a_permutation_and_ignores_scale():
     key_tokens = torch.randn(12, 8, generator=gen)
     permutation = torch.randperm(12, generator=gen)
     frame = key_tokens[permutation] * 3.0  # cosine similarity: scale does not matter
-    assert torch.equal(nearest_tokens(frame[None], key_tokens)[0], permutation)
+    assert torch.equal(nearest_tokens(frame[None], [key_tokens])[0][0], permutation)
+
+
+def test_nearest_tokens_gives_each_key_frame_its_own_field():
+    """Two key frames compared in one product: each field indexes its own key frame (a field taken over the
+    joined keys, or from the other key frame, would differ)."""
+    gen = torch.Generator().manual_seed(5)
+    own, previous = torch.randn(12, 8, generator=gen), torch.randn(7, 8, generator=gen)
+    frames = torch.randn(3, 20, 8, generator=gen)
+    fields = nearest_tokens(frames, [own, previous])
+    for field, keys in zip(fields, (own, previous)):
+        similarity = torch.nn.functional.cosine_similarity(frames[:, :, None], keys[None, None], dim=-1)
+        assert torch.equal(field, similarity.argmax(dim=-1))
 
 
 def test_two_key_frames_blend_with_the_given_weights():

@@ -119,9 +119,9 @@ def test_residual_injection_replaces_only_the_residual_branch(host):
     engine = host.pack_module("engine.tokenflow")
     model = tiny_sd15(0)
     residual, attention = engine.pnp_layers(model)
-    controller = host.pack_module("rerender.tokenflow").TokenFlowAttention(residual, attention, {},
+    controller = host.pack_module("rerender.tokenflow").TokenFlowAttention(residual, attention, [], {},
                                                                             optimized_attention)
-    patched = engine.patched_model(model, controller, [])
+    patched = engine.patched_model(model, controller)
     ((_, patch),) = patched.model_options["transformer_options"]["patches"]["forward_timestep_embed_patch"]
     block = model.get_model_object("diffusion_model").output_blocks[residual][0]
     assert not isinstance(block.skip_connection, torch.nn.Identity)
