@@ -5,6 +5,7 @@ Both the in-process fixture and the server launched by the end-to-end test go th
 """
 import hashlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
@@ -40,6 +41,12 @@ def merged_material(first: Path, then: Path) -> Path:
 
 
 SHARED_DATA = merged_material(REPO_DATA, SHARED_DATA_DIR)
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn for a child the test stops with SIGINT as a terminal would: a shell without job control
+    starts background jobs with SIGINT ignored, the child would inherit that and never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def skip_or_fail(reason: str) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from host_compat import REPO_ROOT
+from host_compat import REPO_ROOT, default_sigint
 from rerender import propagate
 from rerender.flow import DISEstimator, VideoFlow
 from rerender_cli import propagate_video
@@ -129,7 +129,7 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(small_clip, tmp
 def test_ctrl_c_exits_130_and_leaves_no_partial_output(tmp_path):
     output = tmp_path / "demo.mp4"
     process = subprocess.Popen([*COMMAND, "--demo", "--output", str(output)], stderr=subprocess.PIPE, text=True,
-                               cwd=REPO_ROOT)
+                               cwd=REPO_ROOT, preexec_fn=default_sigint)
     seen = ""
     deadline = time.time() + 300
     while "propagating" not in seen:                 # the first frame is done and the partial file is open

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from host_compat import REPO_ROOT, skip_or_fail
+from host_compat import REPO_ROOT, default_sigint, skip_or_fail
 from test_headless_host import interrupt
 from test_workflows_host import HEADLESS
 
@@ -179,7 +179,7 @@ def test_a_worker_with_another_pack_version_is_named(cluster, server, clip, tmp_
 def start(clip, output, log, address, *sets):
     with open(log, "w") as stderr:
         return subprocess.Popen(command(clip, output, "--cluster", address, sets=sets), stderr=stderr, text=True,
-                                cwd=REPO_ROOT)
+                                cwd=REPO_ROOT, preexec_fn=default_sigint)
 
 
 def finished(job, log) -> str:
