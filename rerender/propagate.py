@@ -8,7 +8,7 @@ are then merged by temporal-aware blending: an error-based selection mask that s
 a histogram-preserving blend in Lab, and optionally a screened-Poisson (gradient-domain) fusion solved exactly with
 DCTs. Frames before the first key / after the last get the single pass that reaches them. Work is streamed interval
 by interval, so memory holds the passes in flight (one per worker) and one interval's forward pass, never the
-clip's. On the CPU whole passes run side by side, one thread each (see `single_threaded_ops`).
+clip's. On the CPU whole passes run side by side up to 720p, one thread each (see `default_workers`).
 
 Departures from the reference, each measured on bench/propagator_bench.py: guides are carried along the flow with
 bilinear instead of nearest sampling; holes in them are filled by a push-pull pyramid in torch by default (the
@@ -276,6 +276,7 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             uniformity=settings.uniformity, stop_threshold=settings.stop_threshold,
             descriptor_size=settings.descriptor_size, seed=settings.seed + index, uniform_share=share)
         previous_index, previous_output = index, result.image
+        patchmatch.release_freed_memory()
         yield index, PassFrame(result.image, result.error, coverage)
 
 
@@ -496,6 +497,30 @@ def cpu_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+PARALLEL_PASSES_MAX_PIXELS = 1280 * 720
+
+
+def default_workers(height: int, width: int, device: torch.device) -> int:
+    """Passes side by side on the CPU up to 720p frames, one thread each; above, one pass at a time with its
+    operations threaded. A 1080p pass holds about 1 GiB and the allocator keeps each worker's high-water mark, so
+    two side by side peaked at 4.3 GiB where one peaks at 2.8 GiB; its tensors are big enough to split well over
+    threads (an interval took 56 s against 50 s with two passes side by side, 2 cores, quiet)."""
+    if device.type != "cpu" or height * width > PARALLEL_PASSES_MAX_PIXELS:
+        return 1
+    return cpu_workers()
+
+
+@contextmanager
+def pass_threads(height: int, width: int):
+    """The thread setting a lone pass of this frame size runs with on the CPU: one thread where passes would run
+    side by side (see `single_threaded_ops`), the process's setting above 720p (see `default_workers`)."""
+    if default_workers(height, width, torch.device("cpu")) == 1:
+        yield
+        return
+    with single_threaded_ops():
+        yield
+
+
 @contextmanager
 def single_threaded_ops():
     """One intra-op thread for the calling thread while passes run side by side. PatchMatch is thousands of small
@@ -550,14 +575,14 @@ def propagate_video(frames: torch.Tensor, key_indices: Sequence[int], key_styles
     interruption: it may raise, and then all work stops); there are `pass_frame_count` of them, called one at a
     time and in order, from whichever thread runs that synthesis.
 
-    Passes are independent: on the CPU up to `workers` of them (default: one per usable core) run side by side,
+    Passes are independent: on the CPU up to `workers` of them (default: `default_workers`) run side by side,
     each single-threaded, and the result does not depend on `workers`. Memory holds the passes in flight and one
     interval's forward pass waiting for its backward pass. On a GPU passes run one after another."""
     key_indices = [int(i) for i in key_indices]
     check_inputs(frames, key_indices, key_styles, flows)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if workers is None:
-        workers = cpu_workers() if device.type == "cpu" else 1
+        workers = default_workers(frames.shape[1], frames.shape[2], device)
     output = frames.detach().to("cpu", torch.float32).clone()
     for index, style in zip(key_indices, key_styles):
         output[index] = style.to("cpu", torch.float32)

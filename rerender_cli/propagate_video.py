@@ -187,7 +187,7 @@ def propagate_stream(reader: VideoReader, key_paths: dict, writer: VideoWriter, 
     if last + 1 < reader.count:
         frames = _StreamedFrames(reader, last, held[-1])
         style = as_float(read_key_frame(key_paths[last]))
-        with propagate.single_threaded_ops():           # one pass: many small ops, as the node's workers run it
+        with propagate.pass_threads(reader.height, reader.width):  # as the node's passes run at this size
             for _, result in propagate.run_pass(frames, last, style, range(last + 1, reader.count),
                                                 _StreamedFlow(frames, estimator), settings, on_frame=on_frame):
                 writer.write(as_uint8(result.image.permute(1, 2, 0)))
