@@ -89,6 +89,27 @@ def test_patch_error_is_zero_exactly_where_the_patches_are_identical():
     torch.testing.assert_close(error[20, 30], torch.tensor(3 * (0.3 * 255) ** 2), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("band_rows", [1, 4, 64])
+def test_patch_error_in_bands_is_the_patch_ssd_with_repeated_edges(band_rows):
+    """Against the definition, pixel by pixel, on fields that reach every border of both images: a band that took
+    the wrong rows of the target, or padded a band's edge instead of the image's, would differ."""
+    generator = torch.Generator().manual_seed(3)
+    source, target = torch.rand(5, 13, 17, generator=generator), torch.rand(5, 11, 9, generator=generator)
+    nnf = torch.stack((torch.randint(0, 17, (11, 9), generator=generator),
+                       torch.randint(0, 13, (11, 9), generator=generator)))
+    nnf[:, 0, 0], nnf[:, -1, -1] = torch.tensor([0, 0]), torch.tensor([16, 12])
+    error = patchmatch.patch_error(source, target, nnf, patch_size=5, band_rows=band_rows)
+    expected = torch.zeros(11, 9, dtype=torch.float64)
+    for y in range(11):
+        for x in range(9):
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    sy, sx = min(max(int(nnf[1, y, x]) + dy, 0), 12), min(max(int(nnf[0, y, x]) + dx, 0), 16)
+                    ty, tx = min(max(y + dy, 0), 10), min(max(x + dx, 0), 8)
+                    expected[y, x] += float((target[:, ty, tx] - source[:, sy, sx]).double().square().sum())
+    torch.testing.assert_close(error.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_synthesis_finds_identical_patches_and_reports_zero_error_there():
     image = smooth_texture(HEIGHT, WIDTH, seed=5)
     shifted = torch.roll(image, shifts=(3, -5), dims=(1, 2))
