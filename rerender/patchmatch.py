@@ -20,6 +20,7 @@ EbSynth, each measured on the propagation bench:
 Values are handled on a 0..255 scale internally so that EbSynth's uniformity and stop threshold keep their meaning.
 """
 import ctypes
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -52,9 +53,11 @@ class Synthesis:
 
 
 def _glibc_malloc_trim() -> Optional[Callable[[int], int]]:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
+    except (AttributeError, OSError):  # musl and other C libraries without it
         return None
     trim.argtypes = [ctypes.c_size_t]
     return trim
