@@ -253,6 +253,41 @@ def test_an_evaluation_without_an_anchor_entry_at_its_sigma_attends_plainly_and_
 
 
 
+def test_substituted_values_and_cast_cache_equal_the_per_branch_concatenation():
+    """The K/V inputs of a call, written in one tensor, equal [anchor; previous] per branch concatenated in the
+    call's order, for separate value inputs (another patch gives attn1 its own values) and an fp16 cache read by
+    an fp32 model; values that are the context's stay one tensor."""
+    controller = started_controller(dtype=torch.float16)
+    controller.evaluation = evaluation_at(SCHEDULE[4])
+    anchor_context, anchor_value = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    controller.mode = Mode.ANCHOR
+    controller.kv_inputs(LAYER, [1, 0], anchor_context, anchor_value)
+    controller.commit_anchor()
+    controller.mode = Mode.KEY_FRAME
+    first_context, first_value = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    controller.kv_inputs(LAYER, [1, 0], first_context, first_value)
+    context, value = controller.kv_inputs(LAYER, [0, 1], torch.randn(2, 16, 8), torch.randn(2, 16, 8))
+
+    def expected(anchor, previous):   # branches [0, 1]: cond first; the anchor pass had [uncond, cond]
+        halves = lambda t: t.half().float()
+        return torch.cat([torch.cat([halves(anchor[1:]), halves(previous[1:])], dim=1),
+                          torch.cat([halves(anchor[:1]), halves(previous[:1])], dim=1)])
+
+    assert context.dtype == torch.float32 and torch.equal(context, expected(anchor_context, first_context))
+    assert torch.equal(value, expected(anchor_value, first_value))
+
+    shared = started_controller()
+    shared.evaluation = evaluation_at(SCHEDULE[4])
+    tokens = torch.randn(2, 16, 8)
+    shared.mode = Mode.ANCHOR
+    shared.kv_inputs(LAYER, [1, 0], tokens, tokens)
+    shared.commit_anchor()
+    shared.mode = Mode.KEY_FRAME
+    frame = torch.randn(2, 16, 8)
+    context, value = shared.kv_inputs(LAYER, [1, 0], frame, frame)
+    assert value is context and torch.equal(context, torch.cat([tokens, tokens], dim=1))
+
+
 def test_batched_frames_broadcast_a_single_cached_frame():
     anchor, previous = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
     current = torch.randn(3, 4, 8)

@@ -70,18 +70,38 @@ class AttentionInputCache:
         self._entries.clear()
 
 
-def cross_frame_inputs(current: torch.Tensor, anchor: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+def cross_frame_inputs(current: torch.Tensor, anchor: torch.Tensor, previous: torch.Tensor,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """K/V inputs [B, Na+Np, C] for a chunk of B frames: anchor tokens then previous-key-frame tokens (the
-    reference's order), each cached with batch 1 (broadcast) or B."""
+    reference's order), each cached with batch 1 (broadcast) or B; written into `out` when given (a slice of the
+    whole call's tensor, so the tokens are copied once)."""
     batch = current.shape[0]
-    parts = []
     for name, cached in (("anchor", anchor), ("previous key frame", previous)):
         if cached.shape[0] not in (1, batch) or cached.shape[-1] != current.shape[-1]:
             raise RuntimeError(f"cross-frame attention: the cached {name} tokens {tuple(cached.shape)} do not fit "
                                f"the current frame's {tuple(current.shape)}; another patch changes the token "
                                f"layout between frames, or frames differ in size.")
-        parts.append(cached.to(current.dtype).expand(batch, -1, -1))
-    return torch.cat(parts, dim=1)
+    tokens = anchor.shape[1] + previous.shape[1]
+    if out is None:
+        out = current.new_empty((batch, tokens, current.shape[-1]))
+    elif out.shape[1] != tokens:
+        raise RuntimeError(f"cross-frame attention: the cached tokens of the cond and uncond branches differ in "
+                           f"number ({out.shape[1]} and {tokens}); another patch changes the token layout.")
+    out[:, :anchor.shape[1]].copy_(anchor.expand(batch, -1, -1))
+    out[:, anchor.shape[1]:].copy_(previous.expand(batch, -1, -1))
+    return out
+
+
+def _cross_frame_call_inputs(chunks: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                             previous: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`cross_frame_inputs` of every branch's chunk, in the call's batch order, in one tensor."""
+    tokens = anchors[0].shape[1] + previous[0].shape[1]
+    out = chunks[0].new_empty((sum(len(chunk) for chunk in chunks), tokens, chunks[0].shape[-1]))
+    row = 0
+    for chunk, anchor, previous_tokens in zip(chunks, anchors, previous):
+        cross_frame_inputs(chunk, anchor, previous_tokens, out=out[row:row + len(chunk)])
+        row += len(chunk)
+    return out
 
 
 class CrossFrameAttention:
@@ -171,22 +191,21 @@ class CrossFrameAttention:
                 self.anchor.put((index, layer, branch), chunk_context, chunk_value, sigma)
             return context, value
 
-        new_contexts, new_values = [], []
         lookups = [(self.anchor.get((index, layer, b), sigma), self.previous.get((index, layer, b), sigma))
                    for b in branches]
         if any(anchor is None or previous is None for anchor, previous in lookups):
             self.misses += 1  # no anchor evaluation at this σ: attend plainly here, and the sampler reports it
             return context, value
-        record = self.records_previous(evaluation)
-        for branch, chunk_context, chunk_value, (anchor, previous) in zip(branches, contexts, values, lookups):
-            if record:
+        if self.records_previous(evaluation):  # the entries just looked up are not read again
+            for branch, chunk_context, chunk_value in zip(branches, contexts, values):
                 self.previous.put((index, layer, branch), chunk_context, chunk_value, sigma)
-            new_contexts.append(cross_frame_inputs(chunk_context, anchor[0], previous[0]))
-            new_values.append(cross_frame_inputs(chunk_context if chunk_value is None else chunk_value,
-                                                 _values(anchor), _values(previous)))
-        new_context = torch.cat(new_contexts)
-        separate_values = own_values or any(entry[1] is not None for entry in (anchor, previous))
-        return new_context, (torch.cat(new_values) if separate_values else new_context)
+        new_context = _cross_frame_call_inputs(contexts, [anchor[0] for anchor, _ in lookups],
+                                               [previous[0] for _, previous in lookups])
+        if not own_values and all(entry[1] is None for pair in lookups for entry in pair):
+            return new_context, new_context  # values projected from the same inputs: built once
+        value_chunks = values if own_values else contexts
+        return new_context, _cross_frame_call_inputs(value_chunks, [_values(anchor) for anchor, _ in lookups],
+                                                     [_values(previous) for _, previous in lookups])
 
 
 def _values(entry: Entry) -> torch.Tensor:
