@@ -4,7 +4,7 @@ memory: peak resident memory (ru_maxrss) of one process propagating 1, 5 and 10 
   looped at 25 fps, each length in its own process, beside what the whole clip would take as float32 frames (the
   size an IMAGE batch of it has) at the bench's size and at 1080p. PatchMatch costs ~0.5 s per frame even at 64x80
   on the 2 shared cores this was written on, so not every frame can be propagated in a bench: every frame is a key
-  frame (its inverted input) except, in every `--every` seconds (30), one interval of `--interval` frames propagated with both passes
+  frame (its inverted input) except, every `--every` seconds (30), one interval of `--interval` frames propagated with both passes
   and the blend, and the last `--tail` frames, propagated by the streamed single pass after the last key. The
   reading, writing, key frame handling and segment machinery run over every frame of the clip, so a leak or a
   buffer that grows with the clip shows in the peak; the interval's own memory is what a propagated interval of
