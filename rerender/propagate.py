@@ -24,7 +24,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -503,22 +503,18 @@ PARALLEL_PASSES_MAX_PIXELS = 1280 * 720
 def default_workers(height: int, width: int, device: torch.device) -> int:
     """Passes side by side on the CPU up to 720p frames, one thread each; above, one pass at a time with its
     operations threaded. A 1080p pass holds about 1 GiB and the allocator keeps each worker's high-water mark, so
-    two side by side peaked at 4.3 GiB where one peaks at 2.8 GiB; its tensors are big enough to split well over
+    two side by side peaked at 4.1 GiB where one peaks at 2.8 GiB; its tensors are big enough to split well over
     threads (an interval took 56 s against 50 s with two passes side by side, 2 cores, quiet)."""
     if device.type != "cpu" or height * width > PARALLEL_PASSES_MAX_PIXELS:
         return 1
     return cpu_workers()
 
 
-@contextmanager
 def pass_threads(height: int, width: int):
     """The thread setting a lone pass of this frame size runs with on the CPU: one thread where passes would run
     side by side (see `single_threaded_ops`), the process's setting above 720p (see `default_workers`)."""
-    if default_workers(height, width, torch.device("cpu")) == 1:
-        yield
-        return
-    with single_threaded_ops():
-        yield
+    parallel = default_workers(height, width, torch.device("cpu")) > 1
+    return single_threaded_ops() if parallel else nullcontext()
 
 
 @contextmanager
