@@ -503,8 +503,8 @@ PARALLEL_PASSES_MAX_PIXELS = 1280 * 720
 def default_workers(height: int, width: int, device: torch.device) -> int:
     """Passes side by side on the CPU up to 720p frames, one thread each; above, one pass at a time with its
     operations threaded. A 1080p pass holds about 1 GiB and the allocator keeps each worker's high-water mark, so
-    two side by side peaked at 4.1 GiB where one peaks at 2.8 GiB; its tensors are big enough to split well over
-    threads (an interval took 56 s against 50 s with two passes side by side, 2 cores, quiet)."""
+    two side by side peaked at 4.3 GiB where one peaks at 2.7 GiB; its tensors are big enough to split well over
+    threads (a 5-frame interval took 44 s against 47 s with two passes side by side, 2 cores, quiet)."""
     if device.type != "cpu" or height * width > PARALLEL_PASSES_MAX_PIXELS:
         return 1
     return cpu_workers()
