@@ -313,6 +313,9 @@ def main():
     parser.add_argument("--poisson", action="store_true", help="also run ours with the Poisson fusion on")
     parser.add_argument("--scale-search", action="store_true",
                         help="also run ours with the key searched at the scale read off the flow (scale_search)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="also run ours with every frame searched coarse to fine from a random field "
+                             "(warm_start off, the search before issue 25)")
     parser.add_argument("--summary", action="store_true", help="leave out the per-frame PSNR/SSIM lines")
     parser.add_argument("--save", action="store_true", help="write our frames to bench/out/")
     args = parser.parse_args()
@@ -326,6 +329,8 @@ def main():
         args.variants.append(("ours-telea", propagate.PropagationSettings(hole_fill="telea")))
     if args.poisson:
         args.variants.append(("ours-ps", propagate.PropagationSettings(poisson=True)))
+    if args.cold_start:
+        args.variants.append(("ours-cold", propagate.PropagationSettings(warm_start=False)))
     if args.scale_search:
         args.variants.append(("ours-scale", propagate.PropagationSettings(scale_search=True)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "

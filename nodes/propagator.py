@@ -70,7 +70,10 @@ class PatchPropagator(io.ComfyNode):
                                tooltip="A pixel stops being searched once its vote changes by less than this "
                                        "(0..255 scale; EbSynth 5). 0 = search every pixel every round."),
                 io.Int.Input("pyramid_levels", default=0, min=0, max=16, advanced=True,
-                             tooltip="Coarse-to-fine levels; 0 = as many as fit (EbSynth's default)."),
+                             tooltip="0 = each frame's search starts from the previous frame's matches carried "
+                                     "along the flow and runs at half and full size (fast). N = every frame "
+                                     "searched from scratch, coarse to fine over N levels, as EbSynth does (16: "
+                                     "as many as fit)."),
                 io.Int.Input("descriptor_size", default=DEFAULTS.descriptor_size, min=4, max=128, advanced=True,
                              tooltip="Dimensions of the PCA patch descriptors the search compares (speed vs "
                                      "fidelity to the exact patch distance; the error map is always exact)."),

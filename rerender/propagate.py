@@ -14,7 +14,9 @@ Departures from the reference, each measured on bench/propagator_bench.py: guide
 bilinear instead of nearest sampling; holes in them are filled by a push-pull pyramid in torch by default (the
 reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower); the two passes are mixed with
 per-pixel weights, the reference's temporal weights divided by each pass's patch error (`error_weights`), where the
-reference mixes whole frames with the temporal weights; the Poisson fusion is off by default (see
+reference mixes whole frames with the temporal weights; each frame's search starts from the previous frame's field
+carried along the flow and runs at half and full resolution with random radii up to 4 (`warm_start`), where
+EbSynth searches every frame from a random field over the whole pyramid; the Poisson fusion is off by default (see
 PropagationSettings); Lab is kept in float rather than rounded to 8 bits.
 
 Frames are [N,H,W,3] float RGB in 0..1 (ComfyUI IMAGE); internally images are [3,H,W].
@@ -69,6 +71,9 @@ class PropagationSettings:
     scale_search: bool = False     # +0.05 dB on man:zoom3 for a larger search (issue 25): opt-in until it pays
     min_scale_change: float = 0.06
     coverage_weights: bool = False  # not yet measured on the bench (issue 25): off keeps the blend as it was
+    warm_start: bool = True  # each frame's search starts from the previous frame's field carried along the flow,
+    # at half and full resolution only (pyramid_levels then applies to frames searched cold: none, unless scale_search)
+    warm_search_radius: int = 4  # the random search's largest radius from a warm start
 
     def __post_init__(self):
         if self.hole_fill not in HOLE_FILLS:
@@ -81,13 +86,15 @@ class PropagationSettings:
 def settings_from_widgets(colour_weight, edge_weight, temporal_weight, positional_weight, patch_size,
                           search_vote_iters, patchmatch_iters, hole_fill, histogram_blend, poisson_fusion, uniformity,
                           stop_threshold, pyramid_levels, descriptor_size, seed) -> PropagationSettings:
-    """The settings Patch Propagator's widgets ask for (pyramid_levels 0 = as many as fit, Poisson fusion only with
-    the histogram blend); one mapping for the node and for the cluster job's intervals, which run without the host."""
+    """The settings Patch Propagator's widgets ask for (pyramid_levels 0 = the warm start, N = every frame searched
+    from scratch over N levels; Poisson fusion only with the histogram blend); one mapping for the node and for the
+    cluster job's intervals, which run without the host."""
     return PropagationSettings(
         colour_weight=colour_weight, edge_weight=edge_weight, temporal_weight=temporal_weight,
         positional_weight=positional_weight, patch_size=patch_size, search_vote_iters=search_vote_iters,
         patchmatch_iters=patchmatch_iters, uniformity=uniformity, stop_threshold=stop_threshold,
-        pyramid_levels=pyramid_levels or None, descriptor_size=descriptor_size, hole_fill=hole_fill,
+        pyramid_levels=pyramid_levels or None, warm_start=not pyramid_levels, descriptor_size=descriptor_size,
+        hole_fill=hole_fill,
         histogram_blend=histogram_blend, poisson=poisson_fusion and histogram_blend, seed=seed)
 
 
@@ -164,6 +171,15 @@ def advect(image: torch.Tensor, flow: torch.Tensor, occlusion: torch.Tensor, hol
     half a pixel per frame and costs ~1.5 dB over a 10-frame pass (measured on the bench's man clip)."""
     warped = flow_warp(image[None].float(), flow)[0]
     return fill_holes(warped, advect_holes(flow, occlusion), hole_fill)
+
+
+def carry_field(field: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """The previous frame's field ([2,H,W] source x, y) carried one step along `flow` ([1,2,H,W], backward): each
+    pixel takes the match of the pixel it came from (nearest; from outside the frame, the nearest edge pixel)."""
+    h, w = field.shape[-2:]
+    xs = (torch.arange(w, device=flow.device).view(1, w) + flow[0, 0]).round().clamp(0, w - 1).long()
+    ys = (torch.arange(h, device=flow.device).view(h, 1) + flow[0, 1]).round().clamp(0, h - 1).long()
+    return field[:, ys, xs]
 
 
 # ---- scale ----------------------------------------------------------------------------------------------------
@@ -247,6 +263,8 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
     previous_index, previous_output, positions = key_index, key_stylised, key_positions
     carried = torch.ones(h, w, dtype=torch.bool, device=device)  # positions carried from the key, never filled
     coverage = torch.ones(h, w, device=device)  # the same, soft (bilinear)
+    field = torch.stack(torch.meshgrid(torch.arange(w, device=device), torch.arange(h, device=device),
+                                       indexing="xy"))  # the key's own field: the identity
     for index in targets:
         if on_frame is not None:
             on_frame(index)
@@ -256,8 +274,11 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
         holes = advect_holes(flow, occlusion)
         carried = (flow_warp(carried.float()[None, None], flow)[0, 0] > 0.999) & ~holes
         coverage = flow_warp(coverage[None, None], flow)[0, 0] * ~holes
+        field = carry_field(field, flow) if field is not None else None
         image = _chw(frames[index], device)
         scales = search_scales(flow_scale(positions, carried), settings)
+        # the key at another scale is a jump no warm search makes: that frame searches coarse to fine
+        warm = settings.warm_start and len(scales) == 1 and field is not None
         style, sources, share = key_stylised, (key_image, key_edges, key_stylised, key_positions), 1.0
         if len(scales) > 1:
             (key_scaled, style, positional), share = scaled_atlas(
@@ -274,8 +295,10 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             style, guides, patch_size=settings.patch_size, pyramid_levels=settings.pyramid_levels,
             search_vote_iters=settings.search_vote_iters, patchmatch_iters=settings.patchmatch_iters,
             uniformity=settings.uniformity, stop_threshold=settings.stop_threshold,
-            descriptor_size=settings.descriptor_size, seed=settings.seed + index, uniform_share=share)
-        previous_index, previous_output = index, result.image
+            descriptor_size=settings.descriptor_size, seed=settings.seed + index, uniform_share=share,
+            initial_field=field if warm else None, search_radius=settings.warm_search_radius if warm else None)
+        # a field into an atlas of scales means nothing to the key alone
+        previous_index, previous_output, field = index, result.image, result.nnf if len(scales) == 1 else None
         patchmatch.release_freed_memory()
         yield index, PassFrame(result.image, result.error, coverage)
 

@@ -41,7 +41,10 @@ def add_propagate(subparsers) -> None:
         option(name, float)
     for name in ("patch_size", "search_vote_iters", "patchmatch_iters", "descriptor_size", "seed"):
         option(name, int)
-    parser.add_argument("--pyramid-levels", type=int, default=0, help="coarse-to-fine levels; 0 = as many as fit")
+    parser.add_argument("--pyramid-levels", type=int, default=0,
+                        help="0: each frame's search starts from the previous frame's matches carried along the "
+                             "flow, at half and full size; N: every frame searched from scratch over N levels "
+                             "(EbSynth's way)")
     parser.add_argument("--hole-fill", choices=HOLE_FILLS, default=defaults.hole_fill)
     parser.add_argument("--histogram-blend", action=argparse.BooleanOptionalAction, default=defaults.histogram_blend)
     parser.add_argument("--poisson-fusion", action=argparse.BooleanOptionalAction, default=defaults.poisson)
@@ -68,7 +71,8 @@ def run_propagate(args) -> Path:
             positional_weight=args.positional_weight, patch_size=args.patch_size,
             search_vote_iters=args.search_vote_iters, patchmatch_iters=args.patchmatch_iters,
             uniformity=args.uniformity, stop_threshold=args.stop_threshold,
-            pyramid_levels=args.pyramid_levels or None, descriptor_size=args.descriptor_size,
+            pyramid_levels=args.pyramid_levels or None, warm_start=not args.pyramid_levels,
+            descriptor_size=args.descriptor_size,
             hole_fill=args.hole_fill, histogram_blend=args.histogram_blend,
             poisson=args.poisson_fusion and args.histogram_blend, seed=args.seed)
     except ValueError as error:

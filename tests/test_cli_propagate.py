@@ -19,7 +19,8 @@ from rerender_cli.video_files import VideoReader, VideoWriter
 COMMAND = [sys.executable, "-m", "rerender_cli", "propagate"]   # run with cwd=REPO_ROOT
 # PatchMatch kept cheap: these tests check frames, rates, streaming and errors, not the propagation's quality
 CHEAP = ["--search-vote-iters", "1", "--patchmatch-iters", "0", "--pyramid-levels", "1"]
-CHEAP_SETTINGS = propagate.PropagationSettings(search_vote_iters=1, patchmatch_iters=0, pyramid_levels=1)
+CHEAP_SETTINGS = propagate.PropagationSettings(search_vote_iters=1, patchmatch_iters=0, pyramid_levels=1,
+                                             warm_start=False)
 
 
 def run_propagate(*args, timeout=600):
