@@ -53,7 +53,7 @@ def add_propagate(subparsers) -> None:
 
 
 def run_propagate(args) -> Path:
-    from rerender.propagate import PropagationSettings
+    from rerender.propagate import settings_from_widgets
     from . import propagate_video
     if args.demo:
         video = propagate_video.DEMO_VIDEO
@@ -66,15 +66,11 @@ def run_propagate(args) -> Path:
     if args.patch_size % 2 == 0:
         raise UserError(f"--patch-size must be odd (a patch is centred on its pixel), got {args.patch_size}", 3)
     try:
-        settings = PropagationSettings(
-            colour_weight=args.colour_weight, edge_weight=args.edge_weight, temporal_weight=args.temporal_weight,
-            positional_weight=args.positional_weight, patch_size=args.patch_size,
-            search_vote_iters=args.search_vote_iters, patchmatch_iters=args.patchmatch_iters,
-            uniformity=args.uniformity, stop_threshold=args.stop_threshold,
-            pyramid_levels=args.pyramid_levels or None, warm_start=not args.pyramid_levels,
-            descriptor_size=args.descriptor_size,
-            hole_fill=args.hole_fill, histogram_blend=args.histogram_blend,
-            poisson=args.poisson_fusion and args.histogram_blend, seed=args.seed)
+        settings = settings_from_widgets(
+            args.colour_weight, args.edge_weight, args.temporal_weight, args.positional_weight, args.patch_size,
+            args.search_vote_iters, args.patchmatch_iters, args.hole_fill, args.histogram_blend,
+            args.poisson_fusion, args.uniformity, args.stop_threshold, args.pyramid_levels, args.descriptor_size,
+            args.seed)
     except ValueError as error:
         raise UserError(str(error), 3) from None
     estimator = propagate_video.flow_estimator(args.raft, args.dis_preset, args.raft_iterations)
