@@ -17,7 +17,8 @@ frame), or NAME:zoomZ where frame t is the centred crop of frame t scaled up by 
 subject comes toward the camera, on top of the clip's own motion: `man:zoom3` grows 3% per frame), or both
 (`man:5:zoom3`: every fifth frame, then the zoom over the frames that remain). The ground truth is the stylisation of
 the transformed frames. `--busy N` keeps N CPU-bound processes running beside the measurement (a user's machine is rarely idle);
-they are bounded in time and stopped by the bench itself.
+`--busy-beside N` measures ours quiet, then again with N of them beside, in the same run. The busy processes are
+bounded in time and stopped by the bench itself.
 Example (quick): python bench/propagator_bench.py --frames 11 --clips man car man:3 car:3
 """
 import argparse
@@ -278,6 +279,13 @@ def run_clip(case: tuple, args) -> None:
             out_dir.mkdir(parents=True, exist_ok=True)
             for t in range(ours.shape[0]):
                 cv2.imwrite(str(out_dir / f"{t:04d}.png"), to_bgr8(ours[t]))
+    if args.busy_beside and "ours" in results:
+        with BusyMachine(args.busy_beside, args.busy_seconds):
+            start = time.perf_counter()
+            propagate.propagate_video(frames, keys, truth[keys], flows, dict(args.variants)["ours"])
+            busy_seconds = (time.perf_counter() - start) / targets
+        print(f"  ours with {args.busy_beside} busy processes beside: {busy_seconds:.2f} s/frame, "
+              f"{busy_seconds / results['ours'][1]:.2f}x its quiet time in this run")
     if args.ebsynth:
         with tempfile.TemporaryDirectory() as workdir:
             video, seconds = ebsynth_pass(args.ebsynth, frames, truth, keys, flows, Path(workdir))
@@ -304,6 +312,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch/OpenCV threads (0 = leave the propagator's own choice)")
     parser.add_argument("--busy", type=int, default=0, help="keep N CPU-bound processes running beside the bench")
+    parser.add_argument("--busy-beside", type=int, default=0,
+                        help="after each case's quiet measurement, run ours again with N busy processes beside and "
+                             "print its time against the quiet one of the same run")
     parser.add_argument("--busy-seconds", type=float, default=7200, help="upper bound on the busy processes' life")
     parser.add_argument("--ebsynth", default=shutil.which("ebsynth"),
                         help="path of an EbSynth binary to compare with (default: `ebsynth` on PATH)")

@@ -48,7 +48,8 @@ class PatchPropagator(io.ComfyNode):
                              tooltip="Search-and-vote rounds per pyramid level (reference 12); pixels whose vote "
                                      "stops changing are skipped, so extra rounds cost little."),
                 io.Int.Input("patchmatch_iters", default=DEFAULTS.patchmatch_iters, min=0, max=64,
-                             tooltip="PatchMatch iterations per search round (reference 6)."),
+                             tooltip="PatchMatch iterations per search round (reference 6). The warm-started search "
+                                     "(pyramid_levels 0) runs at most 3: it starts next to the answer."),
                 io.Combo.Input("hole_fill", options=list(propagate.HOLE_FILLS), default=DEFAULTS.hole_fill,
                                tooltip="How guide pixels with no source (occluded, from outside the frame) are "
                                        "filled: 'pyramid' = fast push-pull in torch; 'telea' = OpenCV inpaint "

@@ -44,6 +44,31 @@ def test_warm_start_near_the_answer_finds_it_with_a_short_search():
     assert psnr(no_search.image[:, interior[0], interior[1]], shifted[:, interior[0], interior[1]]) < 30.0
 
 
+def test_warm_start_caps_the_patchmatch_iterations_and_the_cold_search_keeps_them(monkeypatch):
+    """From a warm start each round runs at most WARM_PATCHMATCH_ITERS PatchMatch iterations (fewer if asked);
+    a cold search runs as many as asked, as EbSynth."""
+    asked = []
+    original = patchmatch._LevelSolver._patchmatch
+
+    def spy(self, style, xs, ys, active, iters, occupancy):
+        asked.append(iters)
+        return original(self, style, xs, ys, active, iters, occupancy)
+
+    monkeypatch.setattr(patchmatch._LevelSolver, "_patchmatch", spy)
+    image = smooth_texture(HEIGHT, WIDTH, seed=5)
+    guides = [patchmatch.Guide(image, torch.roll(image, shifts=(1, 2), dims=(1, 2)), 6.0)]
+    start = shifted_field(HEIGHT, WIDTH, -2, -1)
+    runs = {}
+    for name, kwargs in (("warm", dict(initial_field=start, search_radius=4, patchmatch_iters=6)),
+                         ("warm, fewer asked", dict(initial_field=start, search_radius=4, patchmatch_iters=2)),
+                         ("cold", dict(patchmatch_iters=6))):
+        asked.clear()
+        patchmatch.synthesize(image, guides, **kwargs)
+        runs[name] = set(asked)
+    assert patchmatch.WARM_PATCHMATCH_ITERS < 6
+    assert runs == {"warm": {patchmatch.WARM_PATCHMATCH_ITERS}, "warm, fewer asked": {2}, "cold": {6}}
+
+
 def test_initial_field_of_another_size_is_refused():
     image = smooth_texture(HEIGHT, WIDTH, seed=5)
     with pytest.raises(ValueError, match="initial_field"):
