@@ -38,9 +38,12 @@ MiB = 2 ** 20
 # --- the benches' side -------------------------------------------------------------------------------------------
 
 def add_suite_arguments(parser: argparse.ArgumentParser, layouts: bool = True) -> None:
-    """--device, --json and (for the benches on a random SD1.5 UNet) --layout."""
+    """--device, --host-attention, --json and (for the benches on a random SD1.5 UNet) --layout."""
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         help="where the models run (default: cuda where there is one, else cpu)")
+    parser.add_argument("--host-attention", choices=tuple(HOST_ATTENTION), default="auto",
+                        help="the host's attention kernel: auto = its own choice (sub-quadratic on a CPU, PyTorch's "
+                             "scaled_dot_product_attention on an NVIDIA GPU); pytorch = the NVIDIA one on any device")
     parser.add_argument("--json", action="store_true",
                         help="end with one JSON line of the figures (what bench/gpu_suite.py reads)")
     if layouts:
@@ -50,6 +53,7 @@ def add_suite_arguments(parser: argparse.ArgumentParser, layouts: bool = True) -
 
 
 UNET_LAYOUTS = ("full", "width", "tiny")
+HOST_ATTENTION = {"auto": (), "pytorch": ("--use-pytorch-cross-attention",)}
 
 
 def unet_layout(name: str) -> dict:
@@ -76,14 +80,18 @@ def start_host(args, bench: str):
     comfy_path, reason = find_comfyui()
     if comfy_path is None:
         sys.exit(f"{bench}: {reason}")
-    return HostSession(comfy_path, Path(tempfile.mkdtemp()), cpu=resolve_device(args) == "cpu")
+    return HostSession(comfy_path, Path(tempfile.mkdtemp()), cpu=resolve_device(args) == "cpu",
+                       host_args=HOST_ATTENTION[getattr(args, "host_attention", "auto")])
 
 
 def device_label(device: str) -> str:
+    """The device, and the host's attention kernel where the host is loaded (it sets the diffusion benches' ratios)."""
     import torch
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU ({torch.get_num_threads()} threads)"
+    label = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    attention = sys.modules.get("comfy.ldm.modules.attention")
+    if attention is not None:
+        label += f", host attention {attention.optimized_attention.__name__}"
+    return label
 
 
 def peak_memory(device: str) -> tuple:

@@ -16,11 +16,11 @@ class HostSession:
     """ComfyUI loaded in-process (no socket) with this pack loaded through the host's own custom-node loader.
     `cpu=False` lets the host pick its own device (CUDA where there is one): the benches' GPU runs."""
 
-    def __init__(self, comfy_path: Path, base: Path, cpu: bool = True):
+    def __init__(self, comfy_path: Path, base: Path, cpu: bool = True, host_args: tuple = ()):
         define_missing_torchvision_ops()
         sys.path.insert(0, str(comfy_path))
         sys.argv = ["main.py", *(["--cpu"] if cpu else []), "--base-directory", str(make_base_directory(base)),
-                    "--disable-api-nodes"]
+                    "--disable-api-nodes", *host_args]
         import comfy.options
         comfy.options.enable_args_parsing()
         import execution

@@ -43,3 +43,23 @@ def test_a_failing_case_shows_as_failed_and_fails_the_run(tmp_path):
     (outcome,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["status"] == "FAILED" and "exit status" in outcome["note"]
     assert "keyframe_sampler FAILED" in done.stdout and "not a ComfyUI checkout" in done.stdout
+
+
+def test_host_attention_option_runs_the_host_with_that_kernel():
+    """--host-attention pytorch starts the host with the kernel an NVIDIA GPU gets, and the bench says so; auto
+    keeps the host's own CPU choice."""
+    comfy_path, reason = find_comfyui()
+    if comfy_path is None:
+        skip_or_fail(f"host tests skipped: {reason}")
+    env = dict(os.environ, COMFYUI_PATH=str(comfy_path), OMP_NUM_THREADS="1")
+    kernels = {}
+    for choice in ("pytorch", "auto"):
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "keyframe_sampler_bench.py"), "--layout",
+                               "tiny", "--size", "64", "--steps", "1", "--denoise", "1", "--keyframes", "2",
+                               "--repeats", "1", "--skip-each", "--cache-size", "0", "--samplers", "ddim",
+                               "--device", "cpu", "--host-attention", choice],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        kernels[choice] = done.stdout.split("host attention ")[1].split()[0]
+    assert kernels["pytorch"] == "attention_pytorch"
+    assert kernels["auto"] != "attention_pytorch"
