@@ -37,6 +37,9 @@ MiB = 2 ** 20
 
 # --- the benches' side -------------------------------------------------------------------------------------------
 
+HOST_ATTENTION = {"auto": (), "pytorch": ("--use-pytorch-cross-attention",)}  # --host-attention: the host's flags
+
+
 def add_suite_arguments(parser: argparse.ArgumentParser, layouts: bool = True) -> None:
     """--device, --host-attention, --json and (for the benches on a random SD1.5 UNet) --layout."""
     parser.add_argument("--device", choices=("cuda", "cpu"),
@@ -53,7 +56,6 @@ def add_suite_arguments(parser: argparse.ArgumentParser, layouts: bool = True) -
 
 
 UNET_LAYOUTS = ("full", "width", "tiny")
-HOST_ATTENTION = {"auto": (), "pytorch": ("--use-pytorch-cross-attention",)}
 
 
 def unet_layout(name: str) -> dict:
@@ -81,7 +83,7 @@ def start_host(args, bench: str):
     if comfy_path is None:
         sys.exit(f"{bench}: {reason}")
     return HostSession(comfy_path, Path(tempfile.mkdtemp()), cpu=resolve_device(args) == "cpu",
-                       host_args=HOST_ATTENTION[getattr(args, "host_attention", "auto")])
+                       host_args=HOST_ATTENTION[args.host_attention])
 
 
 def device_label(device: str) -> str:
