@@ -14,6 +14,9 @@ EbSynth, each measured on the propagation bench:
   (one basis per synthesis, from the source). 8 dims were both faster and closer to the ground truth than 16, 48 or
   the exact distance (~+1 dB on a 10-frame pass: fewer dims favour coherent, structure-following matches). The
   error map reported is the exact weighted SSD of the final field;
+- a guide may say where its target is known (`Guide.reliable`); a target patch centred elsewhere is compared
+  without it (EbSynth has one weight per guide for the whole image, so a guide filled in where the flow failed
+  still pulls the match there);
 - given an `initial_field` (the propagator's previous frame carried along the flow), the search is warm-started:
   half and full resolution only, from that field, with a capped random-search radius and at most 3 PatchMatch
   iterations a round;
@@ -48,10 +51,13 @@ WARM_PATCHMATCH_ITERS = 3
 @dataclass(frozen=True)
 class Guide:
     """One guide pair: `source` [C,Hs,Ws] aligned with the style, `target` [C,Ht,Wt]; values in 0..1. The weight is
-    split evenly over the channels (EbSynth's convention)."""
+    split evenly over the channels (EbSynth's convention). `reliable` ([Ht,Wt] bool, optional): where the target
+    guide is known; a target patch centred elsewhere is matched without this guide (its term is dropped, not fed
+    a made-up value), e.g. a guide carried along the flow where the flow failed."""
     source: torch.Tensor
     target: torch.Tensor
     weight: float
+    reliable: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -127,6 +133,7 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
     generator = torch.Generator()
     generator.manual_seed(seed)
     basis = _pca_basis(source_features * feature_scale, patch_size, descriptor_size, generator)
+    dropped = _dropped_guides(guides, style_channels, device)
     nnf = None
     if initial_field is not None:
         if tuple(initial_field.shape) != (2, *target_hw):
@@ -140,7 +147,7 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
         level_target_hw = _level_size(target_hw, factor)
         solver = _LevelSolver(_resize(source_features, level_source_hw), _resize(target_guides, level_target_hw),
                               feature_scale, style_channels, basis, uniformity, generator, uniform_share,
-                              search_radius)
+                              search_radius, _level_dropped(dropped, level_target_hw))
         if level > 0:
             nnf = solver.upscale_field(nnf)
         elif initial_field is not None:
@@ -206,9 +213,44 @@ def _check_inputs(style: torch.Tensor, guides: Sequence[Guide], patch_size: int)
         if tuple(guide.target.shape[-2:]) != target_hw or guide.target.shape[0] != guide.source.shape[0]:
             raise ValueError(f"guide {number}: target {tuple(guide.target.shape)} does not match the first guide's "
                              f"size {target_hw} or its own source's channel count {guide.source.shape[0]}")
+        if guide.reliable is not None and tuple(guide.reliable.shape) != target_hw:
+            raise ValueError(f"guide {number}: reliable is {tuple(guide.reliable.shape)}, expected the target's size "
+                             f"{target_hw}")
     if min(min(style.shape[-2:]), min(target_hw)) < 2 * patch_size + 1:
         raise ValueError(f"images must be at least {2 * patch_size + 1} pixels on each side for patch size "
                          f"{patch_size}")
+
+
+def _dropped_guides(guides: Sequence[Guide], style_channels: int, device) -> Optional[tuple]:
+    """Which guide terms each target pixel drops: (code [Ht,Wt] int64, channel masks [n,C] float), code k = the
+    pixel drops the channels that row k of the masks zeroes (row 0: none). None when every guide is known
+    everywhere. Each guide with a `reliable` map is one bit of the code."""
+    partial = [(number, g) for number, g in enumerate(guides)
+               if g.reliable is not None and not bool(g.reliable.all())]
+    if not partial:
+        return None
+    first_channel = [style_channels]
+    for guide in guides:
+        first_channel.append(first_channel[-1] + guide.source.shape[0])
+    code = torch.zeros(guides[0].target.shape[-2:], dtype=torch.int64, device=device)
+    for bit, (_, guide) in enumerate(partial):
+        code |= (~guide.reliable.to(device, torch.bool)).long() << bit
+    masks = torch.ones(1 << len(partial), first_channel[-1], device=device)
+    for combination in range(1 << len(partial)):
+        for bit, (number, _) in enumerate(partial):
+            if combination >> bit & 1:
+                masks[combination, first_channel[number]:first_channel[number + 1]] = 0.0
+    return code, masks
+
+
+def _level_dropped(dropped: Optional[tuple], hw: tuple) -> Optional[tuple]:
+    """`_dropped_guides` at a pyramid level: each pixel takes the code of the full-size pixel nearest its centre."""
+    if dropped is None:
+        return None
+    code, masks = dropped
+    if tuple(code.shape) != tuple(hw):
+        code = F.interpolate(code[None, None].float(), size=hw, mode="nearest")[0, 0].long()
+    return code, masks
 
 
 def _pca_basis(features: torch.Tensor, patch_size: int, size: int, generator: torch.Generator,
@@ -260,7 +302,7 @@ class _LevelSolver:
     target's border exactly even from an identical source)."""
 
     def __init__(self, source_features, target_guides, feature_scale, style_channels, basis, uniformity, generator,
-                 uniform_share=1.0, search_radius=None):
+                 uniform_share=1.0, search_radius=None, dropped=None):
         patch_size = basis.shape[-1]
         self.patch_size, self.radius = patch_size, patch_size // 2
         self.generator = generator
@@ -276,9 +318,26 @@ class _LevelSolver:
                                      torch.zeros(1, style_channels, device=self.device)))
         as_filters = lambda b: b.contiguous(memory_format=torch.channels_last)  # noqa: E731 (fast CPU conv)
         self.style_basis = as_filters(basis[:, :style_channels])
-        self.source_descriptors = self._project(source_features * feature_scale, as_filters(basis))
-        self.target_guide_descriptors = self._project(target_guides * feature_scale[style_channels:],
-                                                      as_filters(basis[:, style_channels:]))
+        # A target pixel that drops guides (code k) compares through the basis with their channels zeroed: the
+        # difference of the projections is then the projection of the difference over the guides it keeps. The
+        # source table holds one block of descriptors per code that occurs; `row_offset` points at a pixel's.
+        codes = [0] if dropped is None else dropped[0].unique().tolist()
+        bases = [basis if c == 0 else basis * dropped[1][c].view(1, -1, 1, 1) for c in codes]
+        self.source_descriptors = torch.cat([self._project(source_features * feature_scale, as_filters(b))
+                                             for b in bases])
+        weighted_guides = target_guides * feature_scale[style_channels:]
+        self.target_guide_descriptors = self._project(weighted_guides, as_filters(bases[0][:, style_channels:]))
+        self.row_offset = None
+        if len(codes) > 1 or codes[0] != 0:
+            pixel_codes = dropped[0].reshape(-1)
+            self.row_offset = torch.zeros_like(pixel_codes)
+            for slot, (c, b) in enumerate(zip(codes, bases)):
+                if c == 0:
+                    continue
+                pixels = (pixel_codes == c).nonzero().view(-1)
+                self.row_offset[pixels] = slot * self.source_hw[0] * self.source_hw[1]
+                self.target_guide_descriptors[pixels] = self._project(
+                    weighted_guides, as_filters(b[:, style_channels:])).index_select(0, pixels)
         # How many target patches overlap each target pixel (fewer at the border): the vote's denominator.
         ones = torch.ones(1, 1, *self.target_hw, device=self.device)
         self.vote_count = (F.avg_pool2d(ones, patch_size, stride=1, padding=self.radius, count_include_pad=True)
@@ -330,7 +389,10 @@ class _LevelSolver:
     def _flat(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return ys * self.source_hw[1] + xs
 
-    def _distance(self, target_rows: torch.Tensor, source_index: torch.Tensor) -> torch.Tensor:
+    def _distance(self, target_rows: torch.Tensor, source_index: torch.Tensor,
+                  row_offset: Optional[torch.Tensor]) -> torch.Tensor:
+        if row_offset is not None:
+            source_index = source_index + row_offset
         return self.source_descriptors.index_select(0, source_index).sub_(target_rows).square_().sum(1)
 
     def _full_occupancy(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -409,15 +471,17 @@ class _LevelSolver:
                     nx, ny = px + ox, py + oy
                     inside = (nx >= 0) & (nx < w) & (ny >= 0) & (ny < h)
                     yield ny.clamp_(0, h - 1) * w + nx.clamp_(0, w - 1), inside, ox, oy
+        offsets = None if self.row_offset is None else self.row_offset.index_select(0, active)
         state = {"x": xs[active], "y": ys[active]}
         state["index"] = self._flat(state["x"], state["y"])
-        state["error"] = self._distance(rows, state["index"])
+        state["error"] = self._distance(rows, state["index"], offsets)
         state["cost"] = state["error"] + occupancy[state["index"]]
 
         def consider(which, candidates):
             """Evaluate `candidates` for the active entries `which` (None = all); keep the better ones."""
             sub_rows = rows if which is None else rows.index_select(0, which)
-            error = self._distance(sub_rows, candidates)
+            error = self._distance(sub_rows, candidates,
+                                   offsets if which is None or offsets is None else offsets.index_select(0, which))
             cost = error + occupancy[candidates]
             current = state["cost"] if which is None else state["cost"][which]
             better = (cost < current).nonzero().view(-1)

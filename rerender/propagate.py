@@ -12,7 +12,9 @@ clip's. On the CPU whole passes run side by side up to 720p, one thread each (se
 
 Departures from the reference, each measured on bench/propagator_bench.py: guides are carried along the flow with
 bilinear instead of nearest sampling; holes in them are filled by a push-pull pyramid in torch by default (the
-reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower); the two passes are mixed with
+reference's cv2.inpaint TELEA r=30 is kept as an option: same PSNR, slower), and a patch centred in a hole of this
+step is matched without the temporal and positional guides (`patchmatch.Guide.reliable`), where EbSynth weighs the
+filled-in values like the rest; the two passes are mixed with
 per-pixel weights, the reference's temporal weights divided by each pass's patch error (`error_weights`), where the
 reference mixes whole frames with the temporal weights; each frame's search starts from the previous frame's field
 carried along the flow and runs at half and full resolution with random radii up to 4 (`warm_start`), where
@@ -284,13 +286,15 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             (key_scaled, style, positional), share = scaled_atlas(
                 (key_image, key_stylised, key_positions), scales, positions, 4 * settings.patch_size)
             sources = (key_scaled, edge_guide(key_scaled), style, positional)
+        # the guides carried along the flow are made up where this step's flow failed: matched without them there
+        carried_here = ~holes
         guides = []
-        for weight, source, target in ((settings.colour_weight, sources[0], image),
-                                       (settings.edge_weight, sources[1], edge_guide(image)),
-                                       (settings.temporal_weight, sources[2], temporal),
-                                       (settings.positional_weight, sources[3], positions)):
+        for weight, source, target, reliable in ((settings.colour_weight, sources[0], image, None),
+                                                 (settings.edge_weight, sources[1], edge_guide(image), None),
+                                                 (settings.temporal_weight, sources[2], temporal, carried_here),
+                                                 (settings.positional_weight, sources[3], positions, carried_here)):
             if weight > 0:
-                guides.append(patchmatch.Guide(source, target, weight))
+                guides.append(patchmatch.Guide(source, target, weight, reliable))
         result = patchmatch.synthesize(
             style, guides, patch_size=settings.patch_size, pyramid_levels=settings.pyramid_levels,
             search_vote_iters=settings.search_vote_iters, patchmatch_iters=settings.patchmatch_iters,

@@ -136,6 +136,43 @@ def test_synthesis_transfers_the_style_along_the_guide():
     assert psnr(result.image[inner], swap(style)[inner]) > 35.0
 
 
+def test_a_guide_is_left_out_where_it_is_not_reliable():
+    """A heavy guide that contradicts the true one in the right half wins there, unless it is marked unreliable
+    there: then the right half follows the true guide as the left half does."""
+    guide = smooth_texture(HEIGHT, WIDTH, seed=6)
+    style = smooth_texture(HEIGHT, WIDTH, seed=7)
+    swap = lambda x: torch.cat((x[..., WIDTH // 2:], x[..., :WIDTH // 2]), dim=-1)  # noqa: E731
+    half = WIDTH // 2
+    liar_target = swap(guide).clone()
+    liar_target[..., half:] = guide[..., half:]  # says "no swap" on the right
+    right = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
+    right[:, half:] = True
+    inner_right = (slice(None), slice(3, HEIGHT - 3), slice(half + 3, WIDTH - 3))
+
+    def right_half(reliable):
+        guides = [patchmatch.Guide(guide, swap(guide), 1.0), patchmatch.Guide(guide, liar_target, 4.0, reliable)]
+        return patchmatch.synthesize(style, guides, style_weight=0.0).image[inner_right]
+
+    assert psnr(right_half(None), style[inner_right]) > 30.0  # the liar decides
+    assert psnr(right_half(~right), swap(style)[inner_right]) > 30.0  # left out: the true guide decides
+
+
+def test_a_guide_reliable_nowhere_has_no_say_and_one_reliable_everywhere_changes_nothing():
+    image = smooth_texture(HEIGHT, WIDTH, seed=8)
+    target = torch.roll(image, shifts=(2, -3), dims=(1, 2))
+    other = smooth_texture(HEIGHT, WIDTH, seed=9)
+
+    def field(second_target, reliable):
+        guides = [patchmatch.Guide(image, target, 6.0), patchmatch.Guide(other, second_target, 2.0, reliable)]
+        return patchmatch.synthesize(image, guides, seed=3).nnf
+
+    nowhere = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
+    assert torch.equal(field(torch.rand(3, HEIGHT, WIDTH), nowhere), field(torch.rand(3, HEIGHT, WIDTH), nowhere))
+    assert torch.equal(field(other, ~nowhere), field(other, None))
+    with pytest.raises(ValueError, match="reliable"):
+        field(other, torch.ones(HEIGHT, WIDTH + 1, dtype=torch.bool))
+
+
 def test_incremental_uniformity_bookkeeping_matches_a_full_recount():
     generator = torch.Generator().manual_seed(17)
     solver = patchmatch._LevelSolver(torch.rand(6, 30, 40, generator=generator), torch.rand(3, 25, 35),
