@@ -53,7 +53,8 @@ class Guide:
     """One guide pair: `source` [C,Hs,Ws] aligned with the style, `target` [C,Ht,Wt]; values in 0..1. The weight is
     split evenly over the channels (EbSynth's convention). `reliable` ([Ht,Wt] bool, optional): where the target
     guide is known; a target patch centred elsewhere is matched without this guide (its term is dropped, not fed
-    a made-up value), e.g. a guide carried along the flow where the flow failed."""
+    a made-up value), e.g. a guide carried along the flow where the flow failed. The error map still counts it, so
+    the propagator's blend keeps trusting such a pass less there."""
     source: torch.Tensor
     target: torch.Tensor
     weight: float
