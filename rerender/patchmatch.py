@@ -327,14 +327,14 @@ class _LevelSolver:
         self.source_descriptors = torch.cat([self._project(source_features * feature_scale, as_filters(b))
                                              for b in bases])
         weighted_guides = target_guides * feature_scale[style_channels:]
-        self.target_guide_descriptors = self._project(weighted_guides, as_filters(bases[0][:, style_channels:]))
-        self.row_offset = None
-        if len(codes) > 1 or codes[0] != 0:
+        if codes == [0]:
+            self.row_offset = None
+            self.target_guide_descriptors = self._project(weighted_guides, as_filters(basis[:, style_channels:]))
+        else:
             pixel_codes = dropped[0].reshape(-1)
-            self.row_offset = torch.zeros_like(pixel_codes)
+            self.row_offset = torch.empty_like(pixel_codes)
+            self.target_guide_descriptors = torch.empty(pixel_codes.numel(), basis.shape[0], device=self.device)
             for slot, (c, b) in enumerate(zip(codes, bases)):
-                if c == 0:
-                    continue
                 pixels = (pixel_codes == c).nonzero().view(-1)
                 self.row_offset[pixels] = slot * self.source_hw[0] * self.source_hw[1]
                 self.target_guide_descriptors[pixels] = self._project(
