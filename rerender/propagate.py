@@ -17,8 +17,10 @@ step is matched without the temporal and positional guides (`patchmatch.Guide.re
 filled-in values like the rest; the two passes are mixed with
 per-pixel weights, the reference's temporal weights divided by each pass's patch error (`error_weights`), where the
 reference mixes whole frames with the temporal weights; each frame's search starts from the previous frame's field
-carried along the flow and runs at half and full resolution with random radii up to 4 (`warm_start`), where
-EbSynth searches every frame from a random field over the whole pyramid; the Poisson fusion is off by default (see
+carried along the flow and runs at half and full resolution with random radii up to 4 (`warm_start`; over the
+whole key for the patches that reach where this step's flow failed, and with more descriptor dimensions and
+PatchMatch iterations in a frame mostly new to the key), where EbSynth searches every frame from a random field over
+the whole pyramid; the Poisson fusion is off by default (see
 PropagationSettings); Lab is kept in float rather than rounded to 8 bits.
 
 Frames are [N,H,W,3] float RGB in 0..1 (ComfyUI IMAGE); internally images are [3,H,W].
@@ -75,7 +77,13 @@ class PropagationSettings:
     coverage_weights: bool = False  # not yet measured on the bench (issue 25): off keeps the blend as it was
     warm_start: bool = True  # each frame's search starts from the previous frame's field carried along the flow,
     # at half and full resolution only (pyramid_levels then applies to frames searched cold: none, unless scale_search)
-    warm_search_radius: int = 4  # the random search's largest radius from a warm start
+    warm_search_radius: int = 4  # the random search's largest radius from a warm start (not where the flow failed)
+    # A frame where less than this share of the pixels was carried from the key along the flow is mostly new
+    # content, which the warm start knows nothing of: it runs all `patchmatch_iters`, and its pixels not carried
+    # are compared through `new_content_descriptor_size` dims (issue 25: car:5 +0.6 dB, its frames 4-7 +1.1-1.3 dB).
+    # Carried pixels keep `descriptor_size`, 8 dims, which favour coherent matches (24 there cost man:3 0.09 dB).
+    new_content_share: float = 0.9
+    new_content_descriptor_size: int = 24
 
     def __post_init__(self):
         if self.hole_fill not in HOLE_FILLS:
@@ -286,8 +294,12 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             (key_scaled, style, positional), share = scaled_atlas(
                 (key_image, key_stylised, key_positions), scales, positions, 4 * settings.patch_size)
             sources = (key_scaled, edge_guide(key_scaled), style, positional)
-        # the guides carried along the flow are made up where this step's flow failed: matched without them there
+        # the guides carried along the flow are made up where this step's flow failed: matched without them there,
+        # and the warm start's field is made up at every patch that reaches there: searched over the whole key
         carried_here = ~holes
+        wide_search = F.max_pool2d(holes.float()[None, None], settings.patch_size, stride=1,
+                                   padding=settings.patch_size // 2)[0, 0] > 0
+        new_content = float(carried.float().mean()) < settings.new_content_share
         guides = []
         for weight, source, target, reliable in ((settings.colour_weight, sources[0], image, None),
                                                  (settings.edge_weight, sources[1], edge_guide(image), None),
@@ -299,8 +311,13 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             style, guides, patch_size=settings.patch_size, pyramid_levels=settings.pyramid_levels,
             search_vote_iters=settings.search_vote_iters, patchmatch_iters=settings.patchmatch_iters,
             uniformity=settings.uniformity, stop_threshold=settings.stop_threshold,
-            descriptor_size=settings.descriptor_size, seed=settings.seed + index, uniform_share=share,
-            initial_field=field if warm else None, search_radius=settings.warm_search_radius if warm else None)
+            descriptor_size=(max(settings.descriptor_size, settings.new_content_descriptor_size) if new_content
+                             else settings.descriptor_size),
+            short_descriptor=carried if new_content else None, short_descriptor_size=settings.descriptor_size,
+            seed=settings.seed + index, uniform_share=share, initial_field=field if warm else None,
+            search_radius=settings.warm_search_radius if warm else None,
+            warm_patchmatch_iters=settings.patchmatch_iters if new_content else patchmatch.WARM_PATCHMATCH_ITERS,
+            wide_search=wide_search if warm else None)
         # a field into an atlas of scales means nothing to the key alone
         previous_index, previous_output, field = index, result.image, result.nnf if len(scales) == 1 else None
         patchmatch.release_freed_memory()

@@ -69,6 +69,95 @@ def test_warm_start_caps_the_patchmatch_iterations_and_the_cold_search_keeps_the
     assert runs == {"warm": {patchmatch.WARM_PATCHMATCH_ITERS}, "warm, fewer asked": {2}, "cold": {6}}
 
 
+def test_wide_search_reaches_the_answer_from_a_made_up_warm_start():
+    """Started 80 pixels off everywhere, the capped random search (radii up to 4) cannot reach the true field; the
+    pixels marked `wide_search` search the whole source and find it. (Unblurred noise: on a smooth texture short
+    steps can walk downhill to the answer.)"""
+    height, width = 48, 192
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(5))
+    shifted = torch.roll(image, shifts=(3, -5), dims=(1, 2))
+    truth = shifted_field(height, width, 5, -3)
+    start = shifted_field(height, width, 5 + 80, -3)
+    guides = [patchmatch.Guide(image, shifted, 6.0)]
+    interior = (slice(8, height - 8), slice(10, width - 10))
+
+    def found(wide_search, seed=0):
+        result = patchmatch.synthesize(image, guides, uniformity=0.0, style_weight=0.0, initial_field=start,
+                                       search_radius=4, wide_search=wide_search, seed=seed)
+        return float((result.nnf == truth).all(0)[interior].float().mean())
+
+    assert found(None) == 0.0
+    assert found(torch.zeros(height, width, dtype=torch.bool)) == 0.0
+    assert min(found(torch.ones(height, width, dtype=torch.bool), seed) for seed in range(3)) > 0.9
+    with pytest.raises(ValueError, match="wide_search"):
+        found(torch.ones(height, width - 1, dtype=torch.bool))
+
+
+def test_frames_mostly_new_to_the_key_are_searched_harder_and_patches_into_holes_widely(monkeypatch):
+    """Moving 1 px a frame across 56 columns: from frame 6 on less than 90 % of the pixels were carried from the key,
+    and those frames get all PatchMatch iterations and the larger descriptor where their pixels were not carried;
+    in every frame the patches that reach the column the motion brings in search the whole key."""
+    frames = moving_clip(8)
+    calls = []
+    original = patchmatch.synthesize
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patchmatch, "synthesize", spy)
+    settings = propagate.PropagationSettings()
+    list(propagate.run_pass(frames, 0, 1.0 - frames[0], range(1, 8), ShiftFlow(8, HEIGHT, WIDTH), settings))
+    new_content = [t >= 6 for t in range(1, 8)]  # carried share (56 - t) / 56 < 0.9
+    assert [c["descriptor_size"] for c in calls] == [
+        settings.new_content_descriptor_size if n else settings.descriptor_size for n in new_content]
+    assert [c["warm_patchmatch_iters"] for c in calls] == [
+        settings.patchmatch_iters if n else patchmatch.WARM_PATCHMATCH_ITERS for n in new_content]
+    carried = [torch.arange(WIDTH).expand(HEIGHT, WIDTH) < WIDTH - t for t in range(1, 8)]
+    assert all(torch.equal(c["short_descriptor"], kept) if n else c["short_descriptor"] is None
+               for c, kept, n in zip(calls, carried, new_content))  # carried pixels keep the short descriptor
+    assert {c["short_descriptor_size"] for c in calls} == {settings.descriptor_size}
+    reaching = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
+    reaching[:, WIDTH - 1 - settings.patch_size // 2:] = True  # the new column, and the patches that overlap it
+    assert all(torch.equal(c["wide_search"], reaching) for c in calls)
+
+
+def test_a_short_descriptor_compares_as_a_search_with_that_many_components():
+    """Pixels marked `short_descriptor` search as a synthesis with `short_descriptor_size` components would (the
+    leading principal directions are the same); unmarked, the longer descriptor's search is unchanged."""
+    image = smooth_texture(HEIGHT, WIDTH, seed=5)
+    target = smooth_texture(HEIGHT, WIDTH, seed=6)
+    guides = [patchmatch.Guide(image, target, 6.0)]
+    run = lambda size, **kwargs: patchmatch.synthesize(image, guides, descriptor_size=size, seed=4, **kwargs).nnf  # noqa: E731
+    everywhere = torch.ones(HEIGHT, WIDTH, dtype=torch.bool)
+    short = run(24, short_descriptor=everywhere, short_descriptor_size=8)
+    assert float((short == run(8)).all(0).float().mean()) > 0.99
+    assert float((short == run(24)).all(0).float().mean()) < 0.9
+    assert torch.equal(run(24, short_descriptor=~everywhere, short_descriptor_size=8), run(24))
+    with pytest.raises(ValueError, match="short_descriptor"):
+        run(24, short_descriptor=everywhere[1:])
+
+
+def test_a_pixel_that_drops_guides_gives_their_weight_to_the_guides_it_keeps():
+    """Row k of the masks scales the kept guides' (square-root) features so that their weights add up to all the
+    guides' weights; the style channels are never scaled."""
+    image = smooth_texture(HEIGHT, WIDTH, seed=5)
+    reliable = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
+    reliable[:, :10] = True
+    guides = [patchmatch.Guide(image, image, 6.0), patchmatch.Guide(image, image, 0.5),
+              patchmatch.Guide(image, image, 0.5, reliable), patchmatch.Guide(image[:2], image[:2], 2.0, reliable)]
+    code, masks = patchmatch._dropped_guides(guides, 3, "cpu")
+    assert torch.equal(code, 3 * (~reliable).long())  # one bit per guide with a reliable map
+    torch.testing.assert_close(masks[0], torch.ones(14))
+    both = masks[3]  # channels: style 0-2, colour 3-5, edges 6-8, temporal 9-11, positional 12-13
+    assert torch.equal(both[:3], torch.ones(3)) and torch.equal(both[9:], torch.zeros(5))
+    torch.testing.assert_close(both[3:9], torch.full((6,), (9.0 / 6.5) ** 0.5))
+    temporal_only = masks[1]
+    assert torch.equal(temporal_only[9:12], torch.zeros(3))
+    torch.testing.assert_close(temporal_only[3:9], torch.full((6,), (9.0 / 8.5) ** 0.5))
+    torch.testing.assert_close(temporal_only[12:], torch.full((2,), (9.0 / 8.5) ** 0.5))
+
+
 def test_initial_field_of_another_size_is_refused():
     image = smooth_texture(HEIGHT, WIDTH, seed=5)
     with pytest.raises(ValueError, match="initial_field"):
