@@ -79,7 +79,8 @@ class PatchPropagator(io.ComfyNode):
                              tooltip="Dimensions of the PCA patch descriptors the search compares (speed vs "
                                      "fidelity to the exact patch distance; the error map is always exact). "
                                      "A frame where less than 90% of the pixels were carried from the key along "
-                                     "the flow uses at least 24, and all patchmatch_iters."),
+                                     "the flow uses at least 24 where its pixels were not carried, and all "
+                                     "patchmatch_iters."),
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFF, advanced=True,
                              control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Seed of the random search (results are deterministic for a seed; kept "

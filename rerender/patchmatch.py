@@ -12,8 +12,9 @@ whose vote stopped changing (only the still-moving ones are searched: the main s
 EbSynth, each measured on the propagation bench:
 - during the search, patches are compared through `descriptor_size` PCA components of the weighted 5x5xC patch
   (one basis per synthesis, from the source). 8 dims were both faster and closer to the ground truth than 16, 48 or
-  the exact distance (~+1 dB on a 10-frame pass: fewer dims favour coherent, structure-following matches). The
-  error map reported is the exact weighted SSD of the final field;
+  the exact distance (~+1 dB on a 10-frame pass: fewer dims favour coherent, structure-following matches); some
+  target pixels may compare through more components than others (`short_descriptor`: the propagator gives 24 to
+  content new to the key, 8 to the rest). The error map reported is the exact weighted SSD of the final field;
 - a guide may say where its target is known (`Guide.reliable`); a target patch centred elsewhere is compared
   without it (EbSynth has one weight per guide for the whole image, so a guide filled in where the flow failed
   still pulls the match there);
