@@ -255,10 +255,9 @@ def _dropped_guides(guides: Sequence[Guide], style_channels: int, device) -> Opt
         code |= (~guide.reliable.to(device, torch.bool)).long() << bit
     masks = torch.ones(1 << len(partial), first_channel[-1], device=device)
     for combination in range(1 << len(partial)):
-        for bit, (number, _) in enumerate(partial):
-            if combination >> bit & 1:
-                masks[combination, first_channel[number]:first_channel[number + 1]] = 0.0
         left_out = {number for bit, (number, _) in enumerate(partial) if combination >> bit & 1}
+        for number in left_out:
+            masks[combination, first_channel[number]:first_channel[number + 1]] = 0.0
         kept = sum(g.weight for number, g in enumerate(guides) if number not in left_out)
         if kept > 0:
             guide_masks = masks[combination, style_channels:]
