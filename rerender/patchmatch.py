@@ -20,7 +20,8 @@ EbSynth, each measured on the propagation bench:
   still pulls the match there);
 - given an `initial_field` (the propagator's previous frame carried along the flow), the search is warm-started:
   half and full resolution only, from that field, with a capped random-search radius (except at the pixels marked
-  `wide_search`, where the field carried is made up) and at most 3 PatchMatch iterations a round by default;
+  `wide_search`, where the field carried is made up) and at most 3 PatchMatch iterations a round by default
+  (the pixels marked `thorough_search` then go on for all of them: the propagator marks content new to the key);
 - where a target patch is compared without some guides, the guides it keeps take their weight, so that the guides
   as a whole pull as hard against the style term as elsewhere;
 - patches may be centred anywhere, repeating edge pixels in the source as in the target, so identical images give
@@ -111,7 +112,8 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
                initial_field: Optional[torch.Tensor] = None, search_radius: Optional[int] = None,
                warm_patchmatch_iters: int = WARM_PATCHMATCH_ITERS,
                wide_search: Optional[torch.Tensor] = None, short_descriptor: Optional[torch.Tensor] = None,
-               short_descriptor_size: int = DEFAULT_DESCRIPTOR_SIZE) -> Synthesis:
+               short_descriptor_size: int = DEFAULT_DESCRIPTOR_SIZE,
+               thorough_search: Optional[torch.Tensor] = None) -> Synthesis:
     """Synthesise the target of `guides` in the style of `style` ([C,Hs,Ws], 0..1), coarse to fine.
     `uniform_share`: the share of the source's pixels that a uniform use of it is expected to spread over (1: all;
     for a source that is an atlas of several copies of one image at different scales, the share of one copy, so
@@ -123,7 +125,9 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
     `wide_search` ([Ht,Wt] bool, optional): the target pixels whose random search still reaches over the whole
     source, e.g. where the warm start's field was made up; `short_descriptor` ([Ht,Wt] bool, optional): the target
     pixels compared through only the first `short_descriptor_size` of the `descriptor_size` components, as a search
-    with that many would compare them (the components are the leading principal directions)."""
+    with that many would compare them (the components are the leading principal directions); `thorough_search`
+    ([Ht,Wt] bool, optional): from a warm start, the target pixels that go on searching for all `patchmatch_iters`
+    a round, once every pixel has had `warm_patchmatch_iters`."""
     _check_inputs(style, guides, patch_size)
     device = style.device
     source_hw = tuple(style.shape[-2:])
@@ -146,7 +150,8 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
     basis = _pca_basis(source_features * feature_scale, patch_size, descriptor_size, generator)
     dropped = _dropped_guides(guides, style_channels, device)
     nnf = None
-    for name, mask in (("wide_search", wide_search), ("short_descriptor", short_descriptor)):
+    for name, mask in (("wide_search", wide_search), ("short_descriptor", short_descriptor),
+                       ("thorough_search", thorough_search)):
         if mask is not None and tuple(mask.shape) != target_hw:
             raise ValueError(f"{name}: expected shape {target_hw}, got {tuple(mask.shape)}")
     if initial_field is not None:
@@ -154,7 +159,10 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
             raise ValueError(f"initial_field: expected shape (2, {target_hw[0]}, {target_hw[1]}), got "
                              f"{tuple(initial_field.shape)}")
         levels = min(levels, WARM_LEVELS)
+        thorough_iters = max(0, patchmatch_iters - warm_patchmatch_iters) if thorough_search is not None else 0
         patchmatch_iters = min(patchmatch_iters, warm_patchmatch_iters)
+    else:
+        thorough_iters = 0
     for level in range(levels):
         factor = 2.0 ** -(levels - 1 - level)
         level_source_hw = _level_size(source_hw, factor)
@@ -171,7 +179,8 @@ def synthesize(style: torch.Tensor, guides: Sequence[Guide], *, style_weight: fl
                                    level_source_hw)
         else:
             nnf = solver.random_field()
-        nnf, image = solver.solve(nnf, search_vote_iters, patchmatch_iters, stop_threshold)
+        nnf, image = solver.solve(nnf, search_vote_iters, patchmatch_iters, stop_threshold,
+                                  _level_mask(thorough_search, level_target_hw), thorough_iters)
     del solver  # its search state (descriptors, occupancy) is not needed for the error map: free it first
     release_freed_memory()
     error = patch_error(source_features * feature_scale, torch.cat((image, target_guides)) * feature_scale, nnf,
@@ -467,10 +476,13 @@ class _LevelSolver:
         occupancy.index_add_(0, index, weights)
 
     # ---- search ---------------------------------------------------------------------------------------------
-    def solve(self, nnf: torch.Tensor, search_vote_iters: int, patchmatch_iters: int, stop_threshold: float):
+    def solve(self, nnf: torch.Tensor, search_vote_iters: int, patchmatch_iters: int, stop_threshold: float,
+              thorough: Optional[torch.Tensor] = None, thorough_iters: int = 0):
         """Search-vote rounds from `nnf` ([2,Ht,Wt]); returns the final field and its vote (0..255 style).
         Round 1 searches every pixel; later rounds only those within a patch of a pixel whose vote moved by at
-        least `stop_threshold` in the previous round (EbSynth CUDA's stop mask); none left = converged."""
+        least `stop_threshold` in the previous round (EbSynth CUDA's stop mask); none left = converged. The active
+        pixels marked `thorough` ([Ht,Wt] bool) then search `thorough_iters` more PatchMatch iterations a round."""
+        thorough = thorough.reshape(-1).to(self.device) if thorough is not None and thorough_iters > 0 else None
         xs, ys = nnf[0].reshape(-1).clone(), nnf[1].reshape(-1).clone()
         style = self._vote_full(xs, ys)
         occupancy = self._full_occupancy(xs, ys)
@@ -480,6 +492,10 @@ class _LevelSolver:
                 break
             before_x, before_y = xs.clone(), ys.clone()
             self._patchmatch(style, xs, ys, active, patchmatch_iters, occupancy)
+            if thorough is not None:
+                longer = active[thorough.index_select(0, active)]
+                if longer.numel() > 0:
+                    self._patchmatch(style, xs, ys, longer, thorough_iters, occupancy)
             changed = ((xs != before_x) | (ys != before_y)).view(1, 1, *self.target_hw).float()
             touched = self._dilate(changed)
             new_style = self._vote(xs, ys, touched, style)

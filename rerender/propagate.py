@@ -79,9 +79,10 @@ class PropagationSettings:
     # at half and full resolution only (pyramid_levels then applies to frames searched cold: none, unless scale_search)
     warm_search_radius: int = 4  # the random search's largest radius from a warm start (not where the flow failed)
     # A frame where less than this share of the pixels was carried from the key along the flow is mostly new
-    # content, which the warm start knows nothing of: it runs all `patchmatch_iters`, and its pixels not carried
-    # are compared through `new_content_descriptor_size` dims (issue 25: car:5 +0.6 dB, its frames 4-7 +1.1-1.3 dB).
-    # Carried pixels keep `descriptor_size`, 8 dims, which favour coherent matches (24 there cost man:3 0.09 dB).
+    # content, which the warm start knows nothing of: its pixels not carried run all `patchmatch_iters` and are
+    # compared through `new_content_descriptor_size` dims (issue 25: car:5 +0.6 dB, its frames 4-7 +1.1-1.3 dB).
+    # Carried pixels keep `descriptor_size`, 8 dims, which favour coherent matches (24 there cost man:3 0.09 dB),
+    # and the warm start's 3 iterations (all 6 there cost man:3 a fifth more time for nothing).
     new_content_share: float = 0.9
     new_content_descriptor_size: int = 24
 
@@ -294,17 +295,18 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             (key_scaled, style, positional), share = scaled_atlas(
                 (key_image, key_stylised, key_positions), scales, positions, 4 * settings.patch_size)
             sources = (key_scaled, edge_guide(key_scaled), style, positional)
-        # the guides carried along the flow are made up where this step's flow failed: matched without them there,
-        # and the warm start's field is made up at every patch that reaches there: searched over the whole key
-        carried_here = ~holes
+        # the guides carried along the flow are made up where the flow failed: matched without them there (the
+        # temporal guide where this step's flow failed, as the frame before was synthesised in full; the positional
+        # guide wherever a position was ever filled, as the fill's made-up position is carried on), and the warm
+        # start's field is made up at every patch that reaches this step's holes: searched over the whole key
         wide_search = F.max_pool2d(holes.float()[None, None], settings.patch_size, stride=1,
                                    padding=settings.patch_size // 2)[0, 0] > 0
         new_content = float(carried.float().mean()) < settings.new_content_share
         guides = []
         for weight, source, target, reliable in ((settings.colour_weight, sources[0], image, None),
                                                  (settings.edge_weight, sources[1], edge_guide(image), None),
-                                                 (settings.temporal_weight, sources[2], temporal, carried_here),
-                                                 (settings.positional_weight, sources[3], positions, carried_here)):
+                                                 (settings.temporal_weight, sources[2], temporal, ~holes),
+                                                 (settings.positional_weight, sources[3], positions, carried)):
             if weight > 0:
                 guides.append(patchmatch.Guide(source, target, weight, reliable))
         result = patchmatch.synthesize(
@@ -316,7 +318,7 @@ def run_pass(frames: torch.Tensor, key_index: int, key_style: torch.Tensor, targ
             short_descriptor=carried if new_content else None, short_descriptor_size=settings.descriptor_size,
             seed=settings.seed + index, uniform_share=share, initial_field=field if warm else None,
             search_radius=settings.warm_search_radius if warm else None,
-            warm_patchmatch_iters=settings.patchmatch_iters if new_content else patchmatch.WARM_PATCHMATCH_ITERS,
+            thorough_search=~carried if new_content else None,
             wide_search=wide_search if warm else None)
         # a field into an atlas of scales means nothing to the key alone
         previous_index, previous_output, field = index, result.image, result.nnf if len(scales) == 1 else None

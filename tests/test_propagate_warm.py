@@ -96,14 +96,16 @@ def test_wide_search_reaches_the_answer_from_a_made_up_warm_start():
 def test_frames_mostly_new_to_the_key_are_searched_harder_and_patches_into_holes_widely(monkeypatch):
     """Moving 1 px a frame across 56 columns: from frame 6 on less than 90 % of the pixels were carried from the key,
     and those frames get all PatchMatch iterations and the larger descriptor where their pixels were not carried;
-    in every frame the patches that reach the column the motion brings in search the whole key."""
+    in every frame the patches that reach the column the motion brings in search the whole key, that column is
+    matched without the temporal guide, and every column whose positions were ever filled without the positional
+    guide."""
     frames = moving_clip(8)
     calls = []
     original = patchmatch.synthesize
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
+    def spy(style, guides, **kwargs):
+        calls.append(dict(kwargs, guides=guides))
+        return original(style, guides, **kwargs)
 
     monkeypatch.setattr(patchmatch, "synthesize", spy)
     settings = propagate.PropagationSettings()
@@ -111,15 +113,56 @@ def test_frames_mostly_new_to_the_key_are_searched_harder_and_patches_into_holes
     new_content = [t >= 6 for t in range(1, 8)]  # carried share (56 - t) / 56 < 0.9
     assert [c["descriptor_size"] for c in calls] == [
         settings.new_content_descriptor_size if n else settings.descriptor_size for n in new_content]
-    assert [c["warm_patchmatch_iters"] for c in calls] == [
-        settings.patchmatch_iters if n else patchmatch.WARM_PATCHMATCH_ITERS for n in new_content]
+    assert {c.get("warm_patchmatch_iters", patchmatch.WARM_PATCHMATCH_ITERS) for c in calls} == {
+        patchmatch.WARM_PATCHMATCH_ITERS}
+    assert {c["patchmatch_iters"] for c in calls} == {settings.patchmatch_iters}
     carried = [torch.arange(WIDTH).expand(HEIGHT, WIDTH) < WIDTH - t for t in range(1, 8)]
     assert all(torch.equal(c["short_descriptor"], kept) if n else c["short_descriptor"] is None
                for c, kept, n in zip(calls, carried, new_content))  # carried pixels keep the short descriptor
+    assert all(torch.equal(c["thorough_search"], ~kept) if n else c["thorough_search"] is None
+               for c, kept, n in zip(calls, carried, new_content))  # the others search for all iterations
     assert {c["short_descriptor_size"] for c in calls} == {settings.descriptor_size}
+    entering = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
+    entering[:, WIDTH - 1] = True
     reaching = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
     reaching[:, WIDTH - 1 - settings.patch_size // 2:] = True  # the new column, and the patches that overlap it
     assert all(torch.equal(c["wide_search"], reaching) for c in calls)
+    _, _, temporal, positional = zip(*(c["guides"] for c in calls))  # colour, edges, temporal, positional
+    assert all(torch.equal(guide.reliable, ~entering) for guide in temporal)
+    assert all(torch.equal(guide.reliable, kept) for guide, kept in zip(positional, carried))
+
+
+def test_a_thorough_search_goes_on_where_marked_and_nowhere_else(monkeypatch):
+    """From a warm start, pixels marked `thorough_search` search on after the warm iterations, up to all
+    `patchmatch_iters`: marked everywhere, the field is the one a warm search with that many iterations finds;
+    marked nowhere, the warm search's. Only marked pixels search in the extra iterations."""
+    image = smooth_texture(HEIGHT, WIDTH, seed=5)
+    target = smooth_texture(HEIGHT, WIDTH, seed=6)
+    guides = [patchmatch.Guide(image, target, 6.0)]
+    start = shifted_field(HEIGHT, WIDTH, -2, -1)
+    run = lambda **kwargs: patchmatch.synthesize(image, guides, initial_field=start, search_radius=4,  # noqa: E731
+                                                 patchmatch_iters=5, seed=3, **kwargs).nnf
+    everywhere = torch.ones(HEIGHT, WIDTH, dtype=torch.bool)
+    assert patchmatch.WARM_PATCHMATCH_ITERS == 3  # 5 leaves 2 more, told apart from the 3
+    assert not torch.equal(run(), run(warm_patchmatch_iters=5))
+    assert torch.equal(run(thorough_search=everywhere), run(warm_patchmatch_iters=5))
+    assert torch.equal(run(thorough_search=~everywhere), run())
+    left = torch.arange(WIDTH).expand(HEIGHT, WIDTH) < WIDTH // 2
+    searched = []
+    original = patchmatch._LevelSolver._patchmatch
+
+    def spy(self, style, xs, ys, active, iters, occupancy):
+        searched.append((iters, active.clone(), self.target_hw))
+        return original(self, style, xs, ys, active, iters, occupancy)
+
+    monkeypatch.setattr(patchmatch._LevelSolver, "_patchmatch", spy)
+    run(thorough_search=left)
+    extra = [(active, hw) for iters, active, hw in searched if iters == 5 - patchmatch.WARM_PATCHMATCH_ITERS]
+    assert extra and {iters for iters, _, _ in searched} == {patchmatch.WARM_PATCHMATCH_ITERS,
+                                                              5 - patchmatch.WARM_PATCHMATCH_ITERS}
+    assert all(bool((active % hw[1] < hw[1] // 2).all()) for active, hw in extra)
+    with pytest.raises(ValueError, match="thorough_search"):
+        run(thorough_search=everywhere[1:])
 
 
 def test_a_short_descriptor_compares_as_a_search_with_that_many_components():
