@@ -491,11 +491,12 @@ class _LevelSolver:
             if active.numel() == 0 or patchmatch_iters == 0:
                 break
             before_x, before_y = xs.clone(), ys.clone()
-            self._patchmatch(style, xs, ys, active, patchmatch_iters, occupancy)
+            descriptors = self._target_descriptors(style)  # of the target patches in the current vote
+            self._patchmatch(descriptors, xs, ys, active, patchmatch_iters, occupancy)
             if thorough is not None:
                 longer = active[thorough.index_select(0, active)]
                 if longer.numel() > 0:
-                    self._patchmatch(style, xs, ys, longer, thorough_iters, occupancy)
+                    self._patchmatch(descriptors, xs, ys, longer, thorough_iters, occupancy)
             changed = ((xs != before_x) | (ys != before_y)).view(1, 1, *self.target_hw).float()
             touched = self._dilate(changed)
             new_style = self._vote(xs, ys, touched, style)
@@ -509,19 +510,18 @@ class _LevelSolver:
         grown = F.max_pool2d(mask, self.patch_size, stride=1, padding=self.radius)
         return grown.view(-1).nonzero().view(-1)
 
-    def _patchmatch(self, style, xs, ys, active, iters, occupancy):
+    def _patchmatch(self, descriptors, xs, ys, active, iters, occupancy):
         """Parallel PatchMatch on the active pixels; `xs`, `ys` (the whole field) and `occupancy` change in place.
 
         Each iteration: jump-flood propagation (neighbours at 4, 2, 1 pixels in the four directions offer their
         match shifted back; only offers that differ from the current match are evaluated, which once the field is
         coherent is a small minority), then random search with one candidate per radius 1, 2, 4, ... around the
         match found so far. Matches and occupancy are published after every propagation jump and after the random
-        search, so neighbours see each other's improvements (EbSynth CUDA's schedule)."""
+        search, so neighbours see each other's improvements (EbSynth CUDA's schedule). `descriptors`: every target
+        patch's, [Ht*Wt, k]."""
         h, w = self.target_hw
         source_h, source_w = self.source_hw
-        rows = self._target_descriptors(style)  # descriptors of the target patches in the current vote
-        if active.numel() < rows.shape[0]:
-            rows = rows.index_select(0, active)
+        rows = descriptors if active.numel() == descriptors.shape[0] else descriptors.index_select(0, active)
         px, py = active % w, active // w
 
         def offers():

@@ -50,9 +50,9 @@ def test_warm_start_caps_the_patchmatch_iterations_and_the_cold_search_keeps_the
     asked = []
     original = patchmatch._LevelSolver._patchmatch
 
-    def spy(self, style, xs, ys, active, iters, occupancy):
+    def spy(self, descriptors, xs, ys, active, iters, occupancy):
         asked.append(iters)
-        return original(self, style, xs, ys, active, iters, occupancy)
+        return original(self, descriptors, xs, ys, active, iters, occupancy)
 
     monkeypatch.setattr(patchmatch._LevelSolver, "_patchmatch", spy)
     image = smooth_texture(HEIGHT, WIDTH, seed=5)
@@ -151,9 +151,9 @@ def test_a_thorough_search_goes_on_where_marked_and_nowhere_else(monkeypatch):
     searched = []
     original = patchmatch._LevelSolver._patchmatch
 
-    def spy(self, style, xs, ys, active, iters, occupancy):
+    def spy(self, descriptors, xs, ys, active, iters, occupancy):
         searched.append((iters, active.clone(), self.target_hw))
-        return original(self, style, xs, ys, active, iters, occupancy)
+        return original(self, descriptors, xs, ys, active, iters, occupancy)
 
     monkeypatch.setattr(patchmatch._LevelSolver, "_patchmatch", spy)
     run(thorough_search=left)
