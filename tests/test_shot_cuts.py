@@ -195,6 +195,7 @@ def test_no_propagated_frame_takes_pixels_or_flow_across_a_cut(shared_data):
 
     control, control_pairs = propagated(())
     assert any((src < join) != (dst < join) for src, dst in control_pairs)
-    # without cuts both leaks exceed the bounds the cut run keeps (per-pixel weights make them small, not absent)
-    assert redness(control[join:join + 2]).max() > 0.02
-    assert control[1:join, ..., 1:].max() > 0.02
+    # without cuts both leaks are several times what the cut run shows (per-pixel weights make them small, not
+    # absent)
+    assert redness(control[join:join + 2]).max() > 4 * max(float(redness(video[join:]).max()), 1e-3)
+    assert control[1:join, ..., 1:].max() > 4 * max(float(video[1:join, ..., 1:].max()), 1e-3)
